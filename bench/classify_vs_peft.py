@@ -1,0 +1,113 @@
+"""softprompt vs the plain PEFT prompt-tuning recipe on one classification dataset.
+
+Both sides train 20 soft tokens with batch 8 for the same number of steps on the same rows and
+model, then score the first `--eval-n` dev rows. Each side runs in its own subprocess so its peak
+RSS is its own. The last stdout line is one JSON object: {"softprompt": {...}, "peft": {...}}.
+
+    python bench/classify_vs_peft.py --data ../shared/data/sst2 --steps 150 --eval-n 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = "{soft:20} Review: {text} Sentiment: {label}"
+VERBALIZER = {"negative": ["negative"], "positive": ["positive"]}
+
+
+def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: str | None) -> dict:
+    from rich.console import Console
+
+    from softprompt import Backbone, TaskSpec, load_classifier
+    from softprompt.train import encode_examples, evaluate, load_task_data, subset, train
+
+    start = time.perf_counter()
+    backbone = Backbone.load("default")
+    load_s = time.perf_counter() - start
+    settings = {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_limit": eval_n}
+    if lr is not None:
+        settings["lr"] = lr
+    spec = TaskSpec.model_validate(
+        {
+            "template": TEMPLATE,
+            "verbalizer": VERBALIZER,
+            "data": {"train": str(data / "train.jsonl"), "dev": str(data / "dev.jsonl")},
+            "train": settings,
+            **({"init": init} if init else {}),
+        }
+    )
+    with TemporaryDirectory() as run:
+        info = train(spec, run, backbone=backbone, console=Console(stderr=True))
+        classifier, _ = load_classifier(run, backbone)
+        _, dev = load_task_data(spec, classifier.template, classifier.verbalizer)
+        rows = subset(encode_examples(classifier, dev), eval_n)
+        started = time.perf_counter()
+        report = evaluate(classifier, rows, batch_size=32)
+        eval_s = time.perf_counter() - started
+    return {
+        "train_examples_per_s": info.metrics["train_examples_per_s"],
+        "eval_examples_per_s": len(rows) / eval_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "dev_accuracy": report["accuracy"],
+        "zero_shot_accuracy": info.metrics["zero_shot"]["accuracy"],
+        "initial_prompt_accuracy": info.metrics["initial_prompt"]["accuracy"],
+        "load_s": load_s,
+        "train_s": info.metrics["train_seconds"],
+        "eval_s": eval_s,
+        "steps": steps,
+        "batch_size": 8,
+        "eval_n": len(rows),
+        "lr": spec.train.lr,
+        "init": spec.init,
+    }
+
+
+def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--data", str(args.data)]
+    command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n)]
+    if side == "softprompt":
+        command += [f"--lr={args.lr}"] if args.lr is not None else []
+        command += [f"--init={args.init}"] if args.init else []
+    if side == "peft":
+        command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
+        command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "sst2")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-n", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=None, help="softprompt's learning rate (default: ours)")
+    parser.add_argument("--init", default=None, help="softprompt's init (default: ours)")
+    parser.add_argument("--side", choices=["softprompt", "peft"], help="run one side here (internal)")
+    parser.add_argument("--only", choices=["softprompt", "peft"], help="run just one side")
+    args = parser.parse_args()
+    if args.side == "softprompt":
+        print(json.dumps(run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init)))
+        return
+    sides = [args.only] if args.only else ["softprompt", "peft"]
+    results = {side: side_in_subprocess(side, args) for side in sides}
+    if len(results) == 2:
+        sp, pf = results["softprompt"], results["peft"]
+        results["ratios"] = {
+            "train_examples_per_s": sp["train_examples_per_s"] / pf["train_examples_per_s"],
+            "eval_examples_per_s": sp["eval_examples_per_s"] / pf["eval_examples_per_s"],
+            "peak_rss": sp["peak_rss_mb"] / pf["peak_rss_mb"],
+            "dev_accuracy_diff": sp["dev_accuracy"] - pf["dev_accuracy"],
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

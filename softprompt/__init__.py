@@ -1,0 +1,23 @@
+"""softprompt: prompt tuning for frozen causal language models."""
+
+from .artifact import RunInfo, load_classifier
+from .backbone import Backbone
+from .classify import Classifier
+from .prompt import SoftPrompt, init_prompt
+from .task import TaskSpec, load_task
+from .template import Template
+from .verbalizer import Verbalizer
+
+__all__ = [
+    "Backbone",
+    "Classifier",
+    "RunInfo",
+    "SoftPrompt",
+    "TaskSpec",
+    "Template",
+    "Verbalizer",
+    "init_prompt",
+    "load_classifier",
+    "load_task",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""The run folder: what a trained prompt needs to be used again.
+
+prompt.safetensors   the soft prompt (fp32, tensor `prompt`)
+task.json            template, verbalizer, base-model fingerprint, settings, metrics
+metrics.jsonl        the training log (loss per step, validation results)
+learning_curve.png, confusion_matrix.png
+checkpoint/          the latest resumable state (removed when training finishes)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .backbone import Backbone
+from .classify import Classifier
+from .prompt import SoftPrompt
+from .template import Template
+from .verbalizer import Verbalizer
+
+INFO_FILE = "task.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A run folder is missing, malformed or belongs to another model."""
+
+
+class RunInfo(BaseModel):
+    format: int = FORMAT_VERSION
+    kind: str = "classification"
+    model: str
+    fingerprint: str
+    template: str
+    verbalizer: dict[str, list[str]]
+    columns: dict[str, str] = Field(default_factory=dict)
+    label_column: str = "label"
+    soft_tokens: int
+    max_length: int
+    init: str
+    training: dict = Field(default_factory=dict)
+    metrics: dict = Field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run: str | Path) -> RunInfo:
+        path = Path(run) / INFO_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{run}: not a run folder (no {INFO_FILE})")
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ArtifactError(f"{path}: not a valid run description ({err})") from err
+
+    def write(self, run: str | Path) -> None:
+        write_atomic(Path(run) / INFO_FILE, self.model_dump_json(indent=2))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def check_model(info: RunInfo, backbone: Backbone, run: str | Path) -> None:
+    if info.fingerprint != backbone.fingerprint:
+        raise ArtifactError(
+            f"{run}: this prompt was trained on model {info.model!r} (fingerprint {info.fingerprint}), "
+            f"but the loaded model {backbone.spec!r} has fingerprint {backbone.fingerprint}; "
+            f"load it with --model {info.model}"
+        )
+
+
+def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:
+    """A ready classifier from a run folder, on `backbone` (loaded from the run's model if None)."""
+    info = RunInfo.read(run)
+    backbone = backbone or Backbone.load(info.model)
+    check_model(info, backbone, run)
+    prompt = SoftPrompt.load(run)
+    classifier = Classifier(
+        backbone,
+        Template.parse(info.template),
+        Verbalizer.from_spec(info.verbalizer),
+        prompt.to(backbone.device),
+        info.max_length,
+    )
+    return classifier, info

@@ -1,0 +1,130 @@
+"""Classification: template + verbalizer + prompted model -> label scores.
+
+Scores are read at the label slot from the label-word rows of the output projection only. Where a
+word has several tokens, or input follows the slot (the seed's Portuguese form), the remaining
+tokens are scored teacher-forced on top of the row's key/value cache.
+
+Label before input: we score each label by the likelihood of the whole filled-in sequence (the
+label's word followed by the rest of the template with the row's input). A causal model cannot
+read the label after input it has not seen yet, so this is the only faithful reading; it costs one
+extra short pass per label and row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone
+from .prompt import SoftPrompt
+from .prompted import Prefix, PromptedLM
+from .template import Encoded, Template
+from .verbalizer import Choices, Verbalizer
+
+DEFAULT_MAX_LENGTH = 256
+
+
+@dataclass
+class EncodedRows:
+    encoded: Encoded
+    labels: torch.Tensor | None  # [N] label indices, when known
+
+    def __len__(self) -> int:
+        return len(self.encoded.bodies)
+
+
+class Classifier:
+    def __init__(
+        self,
+        backbone: Backbone,
+        template: Template,
+        verbalizer: Verbalizer,
+        prompt: SoftPrompt | None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
+        if prompt is None and template.soft_tokens:
+            raise ValueError(
+                "the template has soft tokens: give a soft prompt or use template.without_soft()"
+            )
+        if prompt is not None and prompt.length != template.soft_tokens:
+            raise ValueError(
+                f"the prompt has {prompt.length} vectors, the template {template.soft_tokens} soft tokens"
+            )
+        self.backbone = backbone
+        self.template = template
+        self.verbalizer = verbalizer
+        self.lm = PromptedLM(backbone, prompt)
+        self.max_length = max_length
+        self.choices: Choices = verbalizer.choices(backbone, template.slot_lead)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.verbalizer.labels
+
+    def _tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        return self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode(self, rows: list[dict[str, str]], labels: list[str] | None = None) -> EncodedRows:
+        tok = self.backbone.tokenizer
+        bos = (
+            [tok.bos_token_id]
+            if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None
+            else []
+        )
+        encoded = self.template.encode(rows, self._tokenize_many, self.max_length, bos)
+        index = {label: i for i, label in enumerate(self.labels)}
+        targets = torch.tensor([index[y] for y in labels]) if labels is not None else None
+        return EncodedRows(encoded, targets)
+
+    def prefix(self, encoded: Encoded) -> Prefix:
+        return self.lm.run_prefix(encoded.prefix)
+
+    def scores(self, prefix: Prefix, bodies: list[list[int]], afters: list[list[int]]) -> torch.Tensor:
+        """[B, L] label scores (log of mean word probability, up to a per-row constant)."""
+        out = self.lm.run_rows(prefix, bodies)
+        batch = len(bodies)
+        slot_hidden = out.hidden[torch.arange(batch), (out.lengths - 1).to(out.hidden.device)]
+        choice_scores = self.backbone.logits_for(slot_hidden, self.choices.first_ids)  # [B, C]
+        pairs = [(r, word + afters[r]) for r in range(batch) for word in self.choices.ids]
+        needs_more = [i for i, (_, tokens) in enumerate(pairs) if len(tokens) > 1]
+        if needs_more:
+            rest = self.lm.continuation_log_probs(prefix, out, [pairs[i] for i in needs_more])
+            flat = choice_scores.reshape(-1).index_add(0, torch.tensor(needs_more, device=rest.device), rest)
+            choice_scores = flat.view(batch, -1)
+        return self.choices.label_scores(choice_scores)
+
+    def batches(
+        self, rows: EncodedRows, batch_size: int, order: list[int] | None = None
+    ) -> Iterator[list[int]]:
+        """Index batches; by default sorted by length so little compute goes to padding."""
+        if order is None:
+            order = sorted(
+                range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]) + len(rows.encoded.afters[i])
+            )
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+
+    @torch.inference_mode()
+    def predict_proba(self, rows: EncodedRows, batch_size: int = 32, progress=None) -> torch.Tensor:
+        """[N, L] label probabilities, in row order."""
+        prefix = self.prefix(rows.encoded)
+        probs = torch.zeros(len(rows), len(self.labels))
+        for index in self.batches(rows, batch_size):
+            scores = self.scores(
+                prefix, [rows.encoded.bodies[i] for i in index], [rows.encoded.afters[i] for i in index]
+            )
+            probs[index] = torch.softmax(scores.float(), dim=-1).cpu()
+            if progress is not None:
+                progress(len(index))
+        return probs
+
+    def loss(self, rows: EncodedRows, index: list[int]) -> torch.Tensor:
+        """Cross-entropy over the labels for one training batch (prefix recomputed: it is trained)."""
+        prefix = self.prefix(rows.encoded)
+        scores = self.scores(
+            prefix, [rows.encoded.bodies[i] for i in index], [rows.encoded.afters[i] for i in index]
+        )
+        assert rows.labels is not None
+        return torch.nn.functional.cross_entropy(scores, rows.labels[index].to(scores.device))

@@ -1,0 +1,219 @@
+"""The `softprompt` command line: train, eval, predict, inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .artifact import ArtifactError, load_classifier
+from .backbone import Backbone, ModelNotFound
+from .data import DataError, load_examples
+from .prompt import InitError
+from .task import TaskError, load_task
+from .template import TemplateError
+from .verbalizer import VerbalizerError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models."
+)
+console = Console(stderr=True)
+USER_ERRORS = (TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _backbone(run: Path, model: str | None) -> Backbone:
+    from .artifact import RunInfo
+
+    spec = model or RunInfo.read(run).model
+    with console.status(f"loading model {spec} ..."):
+        return Backbone.load(spec)
+
+
+@app.command()
+def train(
+    task: Annotated[Path, typer.Argument(help="task file (YAML)")],
+    out: Annotated[Path, typer.Option(help="run folder to write")],
+    model: Annotated[
+        Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")
+    ] = None,
+    init: Annotated[
+        Optional[str], typer.Option(help='random | vocab | text:"..." | labels | from:RUN')
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="epochs, when --steps is not given")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="micro-batches per step")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw | adafactor")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="linear | cosine | constant")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="few-shot: K training rows per label")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="validate every k steps")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="validate on the first N dev rows")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience, in validations")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per row")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+) -> None:
+    """Train a soft prompt on a frozen model (zero-shot first, then validation as it goes)."""
+    from .train import train as run_training
+
+    overrides = dict(
+        model=model,
+        init=init,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        optimizer=optimizer,
+        schedule=schedule,
+        shots=shots,
+        eval_every=eval_every,
+        eval_limit=eval_limit,
+        patience=patience,
+        seed=seed,
+        max_length=max_length,
+    )
+    if epochs is not None and steps is None:
+        overrides["steps"] = 0  # epochs decide; 0 is read as unset below
+    try:
+        spec = load_task(task, overrides)
+        if spec.train.steps == 0:
+            spec.train.steps = None
+        run_training(spec, out, resume=resume, console=console)
+    except USER_ERRORS as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command("eval")
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    data: Annotated[Path, typer.Option(help="labelled rows (.jsonl, .csv, .tsv)")],
+    model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+    from .train import encode_examples, evaluate
+
+    try:
+        classifier, info = load_classifier(run, _backbone(run, model))
+        examples = load_examples(
+            data, classifier.template.fields, info.columns, info.label_column, classifier.labels
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+    report = evaluate(classifier, encode_examples(classifier, examples), batch_size)
+    if as_json:
+        print(json.dumps(report))
+        return
+    out = Console()
+    out.print(
+        f"[bold]{data}[/]: n={report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
+    )
+    table = Table("label", "precision", "recall", "f1", "support")
+    for label, m in report["per_class"].items():
+        table.add_row(
+            label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
+        )
+    out.print(table)
+    matrix = Table("gold \\ predicted", *report["labels"], title="confusion matrix")
+    for label, row in zip(report["labels"], report["confusion"]):
+        matrix.add_row(label, *map(str, row))
+    out.print(matrix)
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    text: Annotated[Optional[str], typer.Argument(help="one input (templates with a single field)")] = None,
+    input: Annotated[
+        Optional[Path], typer.Option("--input", help="rows to classify (.jsonl, .csv, .tsv)")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write JSONL here instead of stdout")] = None,
+    model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+) -> None:
+    """Label one text, or every row of --input (JSONL out: label and probabilities)."""
+    if (text is None) == (input is None):
+        _fail(ValueError("give either a TEXT or --input FILE"))
+    try:
+        classifier, info = load_classifier(run, _backbone(run, model))
+        fields = classifier.template.fields
+        if text is not None:
+            if len(fields) != 1:
+                raise DataError(f"the template has fields {fields}: use --input with a row per input")
+            rows = [{fields[0]: text}]
+        else:
+            examples = load_examples(input, fields, info.columns, label_column=None)
+            rows = [e.fields for e in examples]
+    except USER_ERRORS as err:
+        _fail(err)
+    probs = classifier.predict_proba(classifier.encode(rows), batch_size)
+    results = [
+        {
+            "label": classifier.labels[int(p.argmax())],
+            "probabilities": dict(zip(classifier.labels, map(float, p))),
+        }
+        for p in probs
+    ]
+    if text is not None and out is None:
+        table = Table("label", "probability", title=f"prediction: [bold]{results[0]['label']}")
+        for label, p in sorted(results[0]["probabilities"].items(), key=lambda kv: -kv[1]):
+            table.add_row(label, f"{p:.3f}")
+        Console().print(table)
+        return
+    lines = "".join(json.dumps({**row, **r}, ensure_ascii=False) + "\n" for row, r in zip(rows, results))
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        out.write_text(lines, encoding="utf-8")
+        console.print(f"{len(results)} predictions written to {out}")
+
+
+@app.command()
+def inspect(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    k: Annotated[int, typer.Option(help="nearest tokens per soft token")] = 5,
+    model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
+) -> None:
+    """For each soft token: its norm and its nearest vocabulary tokens (cosine)."""
+    try:
+        classifier, info = load_classifier(run, _backbone(run, model))
+    except USER_ERRORS as err:
+        _fail(err)
+    prompt = classifier.lm.prompt
+    assert prompt is not None
+    vocab_norm = prompt.vocab_norm(classifier.backbone)
+    table = Table(
+        "#",
+        "norm",
+        "nearest tokens (cosine)",
+        title=f"{run}: {prompt.length} soft tokens, template {info.template!r}",
+    )
+    for i, (vec, near) in enumerate(zip(prompt.vectors, prompt.nearest_tokens(classifier.backbone, k))):
+        table.add_row(
+            str(i), f"{float(vec.norm()):.2f}", "  ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
+        )
+    Console().print(table)
+    console.print(f"(vocabulary embeddings have mean norm {vocab_norm:.2f})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

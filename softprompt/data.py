@@ -1,0 +1,128 @@
+"""Reading task data: JSONL, CSV or TSV, validated row by row.
+
+Every problem names the file, the line and the field, and a file is rejected whole rather than
+trained on with rows silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names file, line and field."""
+
+
+@dataclass
+class Example:
+    fields: dict[str, str]  # template field -> text
+    label: str | None
+    source: str  # "file:line", for error messages
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) for each row of a .jsonl, .csv or .tsv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    raise DataError(f"{path}: unknown format {suffix!r}: use .jsonl, .csv or .tsv")
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
+    return records
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    records = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        for record in reader:
+            if None in record:
+                raise DataError(f"{path}:{reader.line_num}: more values than header columns")
+            records.append((reader.line_num, record))
+    return records
+
+
+def load_examples(
+    path: str | Path,
+    fields: list[str],
+    columns: dict[str, str] | None = None,
+    label_column: str | None = "label",
+    labels: list[str] | None = None,
+) -> list[Example]:
+    """Validate and map rows. `columns` maps a template field to the data column holding it
+    (default: the same name). `labels`, when given, is the verbalizer's label set."""
+    columns = columns or {}
+    known = set(labels) if labels is not None else None
+    examples = []
+    records = read_records(path)
+    for number, record in records:
+        where = f"{path}:{number}"
+        values = {}
+        for name in fields:
+            column = columns.get(name, name)
+            values[name] = _text(record, column, where)
+        label = None
+        if label_column is not None:
+            label = _text(record, label_column, where)
+            if known is not None and label not in known:
+                raise DataError(
+                    f"{where}: field {label_column!r}: label {label!r} is not in the verbalizer "
+                    f"({', '.join(sorted(known))})"
+                )
+        examples.append(Example(values, label, where))
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def _text(record: dict, column: str, where: str) -> str:
+    if column not in record or record[column] is None:
+        raise DataError(f"{where}: missing field {column!r}")
+    value = record[column]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise DataError(f"{where}: field {column!r} should be text, got {type(value).__name__}")
+    value = str(value)
+    if not value.strip():
+        raise DataError(f"{where}: field {column!r} is empty")
+    return value
+
+
+def few_shot(examples: list[Example], shots: int, seed: int) -> list[Example]:
+    """K examples per label, drawn with a fixed seed; source order is kept."""
+    by_label: dict[str | None, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_label.setdefault(example.label, []).append(i)
+    rng = random.Random(seed)
+    chosen = [i for idx in by_label.values() for i in rng.sample(idx, min(shots, len(idx)))]
+    return [examples[i] for i in sorted(chosen)]
+
+
+def split(examples: list[Example], dev_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded train/dev split for tasks that bring no dev file."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, int(len(examples) * dev_fraction))
+    dev = set(order[:n_dev])
+    return [e for i, e in enumerate(examples) if i not in dev], [examples[i] for i in sorted(dev)]

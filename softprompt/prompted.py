@@ -1,0 +1,118 @@
+"""The splice: run template-rendered ids through the frozen model with the soft prompt inside.
+
+Soft tokens arrive as negative ids (see `template.soft_id`); `splice` swaps them for the prompt's
+vectors. The constant prefix (soft tokens + fixed text before the first input field) is run once,
+with batch size one, and its key/value cache is shared by every row of a batch. In training the
+gradient flows back through that shared cache, so the soft prompt is still learned exactly, while
+each row only pays for its own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .backbone import Backbone, KeyValues
+from .prompt import SoftPrompt
+
+PAD_ID = 0  # any real id: padded positions are masked out of attention and never read
+
+
+@dataclass
+class Prefix:
+    """The shared prefix's key/value states (batch 1) and its length."""
+
+    kv: KeyValues | None
+    length: int
+
+    def cache_for(self, backbone: Backbone, batch: int) -> DynamicCache:
+        if self.kv is None:
+            return backbone.new_cache()
+        return backbone.new_cache(
+            [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv]
+        )
+
+
+@dataclass
+class RowsOutput:
+    hidden: torch.Tensor  # [B, S, H] final hidden states of the rows' own tokens
+    cache: DynamicCache  # keys/values of prefix + rows, for continuing
+    mask: torch.Tensor  # [B, S] 1 on real tokens
+    lengths: torch.Tensor  # [B] real tokens per row
+
+
+def pad(rows: list[list[int]], value: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into [B, S] ids and a [B, S] mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class PromptedLM:
+    """A frozen backbone plus (optionally) a soft prompt."""
+
+    def __init__(self, backbone: Backbone, prompt: SoftPrompt | None) -> None:
+        self.backbone = backbone
+        self.prompt = prompt
+
+    def splice(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids (soft tokens negative) -> [B, S, H] embeddings in the model's dtype."""
+        ids = ids.to(self.backbone.device)
+        soft = ids < 0
+        embeds = self.backbone.embed(ids.clamp(min=0))
+        if soft.any():
+            if self.prompt is None:
+                raise ValueError("the template has soft tokens but no soft prompt was given")
+            vectors = self.prompt.vectors.to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(soft.unsqueeze(-1), vectors[(-ids[soft] - 1)])
+        return embeds
+
+    def run_prefix(self, prefix_ids: list[int]) -> Prefix:
+        if not prefix_ids:
+            return Prefix(None, 0)
+        ids = torch.tensor([prefix_ids])
+        positions = torch.arange(len(prefix_ids)).unsqueeze(0)
+        _, cache = self.backbone.run(self.splice(ids), torch.ones_like(ids), positions)
+        return Prefix([(layer.keys, layer.values) for layer in cache.layers], len(prefix_ids))
+
+    def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> RowsOutput:
+        """Run each row after the shared prefix; rows are right-padded."""
+        ids, mask = pad(rows)
+        batch, width = ids.shape
+        attention = torch.cat([torch.ones(batch, prefix.length, dtype=torch.long), mask], dim=1)
+        positions = (prefix.length + torch.arange(width)).unsqueeze(0).expand(batch, -1)
+        hidden, cache = self.backbone.run(
+            self.splice(ids), attention, positions, prefix.cache_for(self.backbone, batch)
+        )
+        return RowsOutput(hidden, cache, mask, mask.sum(1))
+
+    def continuation_log_probs(
+        self, prefix: Prefix, out: RowsOutput, pairs: list[tuple[int, list[int]]]
+    ) -> torch.Tensor:
+        """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
+        Consumes `out.cache` (its rows are re-selected to match `pairs`).
+
+        The first token is left out on purpose: callers score it from the slot's hidden state
+        with only the label rows of the output projection."""
+        rows = torch.tensor([r for r, _ in pairs])
+        inputs, in_mask = pad([t[:-1] for _, t in pairs])
+        targets, _ = pad([t[1:] for _, t in pairs])
+        out.cache.batch_select_indices(rows.to(self.backbone.device))  # repeats rows as needed
+        n, width = inputs.shape
+        attention = torch.cat(
+            [torch.ones(n, prefix.length, dtype=torch.long), out.mask[rows], in_mask], dim=1
+        )
+        positions = prefix.length + out.lengths[rows].unsqueeze(1) + torch.arange(width)
+        hidden, _ = self.backbone.run(self.splice(inputs), attention, positions, out.cache)
+        real = in_mask.reshape(-1).bool().to(hidden.device)
+        logp = self.backbone.token_log_probs(
+            hidden.reshape(n * width, -1)[real], targets.reshape(-1).to(hidden.device)[real]
+        )
+        per_token = torch.zeros(n * width, device=logp.device).masked_scatter(real, logp)
+        return per_token.view(n, width).sum(1)

@@ -1,0 +1,112 @@
+"""The task file (YAML): which model, template, verbalizer, data and training settings.
+
+Example::
+
+    model: default
+    template: '{soft:20} Review: {text} Sentiment: {label}'
+    verbalizer: {positive: [positive, great], negative: [negative, bad]}
+    data: {train: train.jsonl, dev: dev.jsonl, label: label, columns: {text: sentence}}
+    init: labels
+    train: {steps: 300, lr: 0.1}
+
+Relative data paths are read from the task file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class TaskError(ValueError):
+    """The task file is missing, malformed or inconsistent."""
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(300, ge=1, description="optimizer steps; wins over epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the training set when steps is unset")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(
+        0.1, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
+    )
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
+    eval_every: int = Field(50, ge=1, description="validate every k optimizer steps")
+    eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev rows only")
+    eval_batch_size: int = Field(32, ge=1)
+    patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
+    seed: int = 0
+    max_length: int = Field(256, ge=8, description="tokens per row; input fields are cut to fit")
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: str
+    dev: str | None = None
+    dev_fraction: float = Field(0.1, gt=0, lt=1, description="split off when no dev file is given")
+    label: str = "label"
+    columns: dict[str, str] = Field(default_factory=dict, description="template field -> data column")
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    template: str
+    verbalizer: dict[str, list[str] | str] | list[str]
+    data: DataSpec
+    init: str = "labels"
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _labels_are_text(cls, value):
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return [str(v) for v in value]
+
+    def path(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
+    """Read a task file; `overrides` (from CLI flags) replace top-level or `train.` settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: task file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TaskError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: expected a mapping of settings")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in TrainSettings.model_fields:
+            raw.setdefault("train", {})
+            raw["train"] = {**(raw["train"] or {}), key: value}
+        else:
+            raw[key] = value
+    raw["base_dir"] = str(path.resolve().parent)
+    try:
+        return TaskSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise TaskError(f"{path}: {problems}") from err

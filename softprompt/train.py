@@ -1,0 +1,383 @@
+"""Training a classification prompt: the loop, validation, early stopping, checkpoints, resume.
+
+Only the soft prompt's vectors get gradients. Validation runs every `eval_every` steps; the best
+prompt is written to the run folder as soon as it appears, so even an interrupted run leaves a
+usable artifact. A checkpoint (prompt + optimizer state, safetensors + JSON) is written atomically
+at each validation and on Ctrl-C; `resume=True` continues from it and, with the same seed, ends
+where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from . import plots
+from .artifact import INFO_FILE, RunInfo
+from .backbone import Backbone
+from .classify import Classifier, EncodedRows
+from .data import Example, few_shot, load_examples, split
+from .metrics import classification_report
+from .prompt import SoftPrompt, init_prompt
+from .task import TaskError, TaskSpec, TrainSettings
+from .template import Template
+from .verbalizer import Verbalizer
+
+CHECKPOINT = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+# -- evaluation -----------------------------------------------------------------------------
+def evaluate(classifier: Classifier, rows: EncodedRows, batch_size: int = 32, progress=None) -> dict:
+    """Full classification report of `classifier` on encoded rows with known labels."""
+    probs = classifier.predict_proba(rows, batch_size, progress)
+    assert rows.labels is not None
+    return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), classifier.labels)
+
+
+def subset(rows: EncodedRows, limit: int | None) -> EncodedRows:
+    if limit is None or limit >= len(rows):
+        return rows
+    enc = rows.encoded
+    encoded = type(enc)(enc.prefix, enc.bodies[:limit], enc.afters[:limit], enc.truncated)
+    return EncodedRows(encoded, rows.labels[:limit] if rows.labels is not None else None)
+
+
+# -- data -----------------------------------------------------------------------------------
+def load_task_data(
+    spec: TaskSpec, template: Template, verbalizer: Verbalizer
+) -> tuple[list[Example], list[Example]]:
+    def read(path: str) -> list[Example]:
+        return load_examples(
+            spec.path(path), template.fields, spec.data.columns, spec.data.label, verbalizer.labels
+        )
+
+    train = read(spec.data.train)
+    if spec.data.dev:
+        dev = read(spec.data.dev)
+    else:
+        train, dev = split(train, spec.data.dev_fraction, spec.train.seed)
+    if spec.train.shots:
+        train = few_shot(train, spec.train.shots, spec.train.seed)
+    return train, dev
+
+
+def encode_examples(classifier: Classifier, examples: list[Example]) -> EncodedRows:
+    return classifier.encode([e.fields for e in examples], [str(e.label) for e in examples])
+
+
+def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches: shuffled, then sorted by length within windows of 32 batches so each
+    batch holds rows of similar length (little padding), then the batches shuffled again."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(lengths: list[int], settings: TrainSettings, skip: int):
+    """Endless stream of micro-batches across epochs, skipping the first `skip` (for resume)."""
+    epoch, seen = 0, 0
+    while True:
+        for batch in batch_plan(lengths, settings.batch_size, settings.seed, epoch):
+            if seen >= skip:
+                yield batch
+            seen += 1
+        epoch += 1
+
+
+# -- optimisation ---------------------------------------------------------------------------
+def lr_at(step: int, total: int, settings: TrainSettings) -> float:
+    """Learning rate for optimizer step `step` (0-based). A plain function of the step, so a
+    resumed run needs no scheduler state."""
+    warmup = int(total * settings.warmup)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if settings.schedule == "linear":
+        return settings.lr * max(0.0, 1.0 - progress)
+    if settings.schedule == "cosine":
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return settings.lr
+
+
+def make_optimizer(prompt: SoftPrompt, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            prompt.parameters(),
+            lr=settings.lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=settings.weight_decay,
+        )
+    return torch.optim.AdamW(prompt.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def total_steps(settings: TrainSettings, n_train: int) -> int:
+    if settings.steps:
+        return settings.steps
+    per_epoch = math.ceil(n_train / settings.batch_size / settings.grad_accum)
+    return max(1, math.ceil((settings.epochs or 1) * per_epoch))
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches consumed
+    best: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    examples: int = 0
+    train_seconds: float = 0.0
+    baseline: dict = field(default_factory=dict)  # zero-shot and initial-prompt results
+
+
+def save_checkpoint(
+    run: Path, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, state: TrainState
+) -> None:
+    """Write checkpoint/ atomically: build it beside, then swap it in with renames."""
+    opt = optimizer.state_dict()
+    tensors = {"prompt": prompt.vectors.detach().cpu().contiguous()}
+    scalars = {}
+    for key, value in opt["state"].get(0, {}).items():
+        if torch.is_tensor(value):
+            tensors[f"opt.{key}"] = value.detach().cpu().contiguous()
+        else:
+            scalars[key] = value
+    tmp = run / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"state": asdict(state), "optimizer_scalars": scalars, "param_groups": opt["param_groups"]}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    final, old = run / CHECKPOINT, run / f".{CHECKPOINT}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: Path) -> tuple[torch.Tensor, dict, TrainState]:
+    folder = run / CHECKPOINT
+    if not folder.is_dir() and (run / f".{CHECKPOINT}.old").is_dir():
+        folder = run / f".{CHECKPOINT}.old"  # crashed between the two renames
+    if not folder.is_dir():
+        raise TaskError(f"{run}: nothing to resume (no {CHECKPOINT}/ folder)")
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    opt_state = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
+    opt_state.update(meta["optimizer_scalars"])
+    optimizer = {"state": {0: opt_state} if opt_state else {}, "param_groups": meta["param_groups"]}
+    return tensors["prompt"], optimizer, TrainState(**meta["state"])
+
+
+# -- the loop -------------------------------------------------------------------------------
+class Log:
+    """Appends to metrics.jsonl and keeps the history in memory for the plots."""
+
+    def __init__(self, run: Path, keep_until: int | None) -> None:
+        self.path = run / METRICS_FILE
+        self.history: list[dict] = []
+        if keep_until is not None and self.path.exists():
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            self.history = [h for h in lines if h["step"] <= keep_until]
+        self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    def add(self, **entry) -> None:
+        self.history.append(entry)
+        with self.path.open("a") as out:
+            out.write(json.dumps(entry) + "\n")
+
+
+def _summary(report: dict) -> dict:
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": report["n"]}
+
+
+def train(
+    spec: TaskSpec,
+    out: str | Path,
+    backbone: Backbone | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> RunInfo:
+    """Train a soft prompt for a classification task and write the run folder `out`."""
+    console = console or Console(stderr=True)
+    run = Path(out)
+    if not resume and ((run / INFO_FILE).exists() or (run / CHECKPOINT).exists()):
+        raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    settings = spec.train
+    template, verbalizer = Template.parse(spec.template), Verbalizer.from_spec(spec.verbalizer)
+    train_examples, dev_examples = load_task_data(spec, template, verbalizer)
+    if backbone is None:
+        with console.status(f"loading model {spec.model} ..."):
+            backbone = Backbone.load(spec.model)
+        console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+
+    state = TrainState()
+    opt_state = None
+    if resume:
+        vectors, opt_state, state = load_checkpoint(run)
+        prompt = SoftPrompt(vectors)
+        console.print(f"resuming {run} at step {state.step}")
+    else:
+        prompt = init_prompt(spec.init, template.soft_tokens, backbone, verbalizer.all_words(), settings.seed)
+    prompt = prompt.to(backbone.device)
+    classifier = Classifier(backbone, template, verbalizer, prompt, settings.max_length)
+    train_rows = encode_examples(classifier, train_examples)
+    dev_rows = encode_examples(classifier, dev_examples)
+    val_rows = subset(dev_rows, settings.eval_limit)
+    for name, rows in (("train", train_rows), ("dev", dev_rows)):
+        if rows.encoded.truncated:
+            console.print(
+                f"[yellow]{rows.encoded.truncated} {name} rows were cut to {settings.max_length} tokens"
+            )
+    run.mkdir(parents=True, exist_ok=True)
+    log = Log(run, state.step if resume else None)
+    info = RunInfo(
+        model=spec.model,
+        fingerprint=backbone.fingerprint,
+        template=spec.template,
+        verbalizer=verbalizer.words,
+        columns=spec.data.columns,
+        label_column=spec.data.label,
+        soft_tokens=template.soft_tokens,
+        max_length=settings.max_length,
+        init=spec.init,
+        training=settings.model_dump(),
+    )
+
+    if not resume:
+        zero = Classifier(backbone, template.without_soft(), verbalizer, None, settings.max_length)
+        state.baseline["zero_shot"] = _summary(
+            evaluate(
+                zero,
+                subset(encode_examples(zero, dev_examples), settings.eval_limit),
+                settings.eval_batch_size,
+            )
+        )
+        state.baseline["initial_prompt"] = _summary(evaluate(classifier, val_rows, settings.eval_batch_size))
+        for name, result in state.baseline.items():
+            log.add(step=0, split="dev", variant=name, **result)
+            console.print(
+                f"{name.replace('_', ' ')}: dev accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} (n={result['n']})"
+            )
+        state.best = state.baseline["initial_prompt"][settings.metric]
+        prompt.save(run)
+
+    optimizer = make_optimizer(prompt, settings)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    steps = total_steps(settings, len(train_rows))
+    lengths = [len(b) + len(a) for b, a in zip(train_rows.encoded.bodies, train_rows.encoded.afters)]
+    stream = micro_batches(lengths, settings, state.micro)
+    last_eval = state.baseline.get("initial_prompt", {}).get(settings.metric, float("nan"))
+    columns = [
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  dev {task.fields[metric]} {task.fields[dev]:.3f}"),
+    ]
+    stopped_early = False
+    try:
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task(
+                "train",
+                total=steps,
+                completed=state.step,
+                loss=float("nan"),
+                dev=last_eval,
+                metric=settings.metric,
+            )
+            while state.step < steps:
+                started = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state.step, steps, settings)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for _ in range(settings.grad_accum):
+                    index = next(stream)
+                    loss = classifier.loss(train_rows, index) / settings.grad_accum
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    state.micro += 1
+                    state.examples += len(index)
+                if settings.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(prompt.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                state.step += 1
+                state.train_seconds += time.perf_counter() - started
+                log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
+                progress.update(bar, completed=state.step, loss=loss_sum)
+                if state.step % settings.eval_every == 0 or state.step == steps:
+                    result = _summary(evaluate(classifier, val_rows, settings.eval_batch_size))
+                    log.add(step=state.step, split="dev", **result)
+                    progress.update(bar, dev=result[settings.metric])
+                    if result[settings.metric] > state.best:
+                        state.best, state.best_step, state.bad_evals = result[settings.metric], state.step, 0
+                        prompt.save(run)
+                    else:
+                        state.bad_evals += 1
+                    save_checkpoint(run, prompt, optimizer, state)
+                    if state.bad_evals >= settings.patience:
+                        stopped_early = True
+                        console.print(
+                            f"early stop at step {state.step}: no gain in {settings.patience} validations"
+                        )
+                        break
+                if on_step is not None:
+                    on_step(state.step)
+    except KeyboardInterrupt:
+        save_checkpoint(run, prompt, optimizer, state)
+        console.print(f"[yellow]interrupted at step {state.step}; continue with --resume")
+        raise
+
+    return _finish(run, info, classifier, dev_rows, state, log, settings, stopped_early, console)
+
+
+def _finish(run, info, classifier, dev_rows, state, log, settings, stopped_early, console) -> RunInfo:
+    """Reload the best prompt, score it on the whole dev set, write figures and task.json."""
+    best = SoftPrompt.load(run).to(classifier.backbone.device)
+    classifier.lm.prompt = best
+    report = evaluate(classifier, dev_rows, settings.eval_batch_size)
+    info.metrics = {
+        **state.baseline,
+        "dev": report,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "stopped_early": stopped_early,
+        "train_seconds": round(state.train_seconds, 2),
+        "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
+        "truncated_dev_rows": dev_rows.encoded.truncated,
+    }
+    info.write(run)
+    plots.learning_curve(log.history, settings.metric, run / "learning_curve.png")
+    plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
+    shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
+    console.print(
+        f"best prompt from step {state.best_step}: dev accuracy {report['accuracy']:.3f}, "
+        f"macro-F1 {report['macro_f1']:.3f} (n={report['n']}); saved to {run}"
+    )
+    return info
