@@ -47,7 +47,7 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
     with TemporaryDirectory() as run:
         info = train(spec, run, backbone=backbone, console=Console(stderr=True))
         classifier, _ = load_classifier(run, backbone)
-        _, dev = load_task_data(spec, classifier.template, classifier.verbalizer)
+        _, _, dev = load_task_data(spec, classifier.template)
         rows = subset(encode_examples(classifier, dev), eval_n)
         started = time.perf_counter()
         report = evaluate(classifier, rows, batch_size=32)
@@ -84,7 +84,9 @@ def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "sst2")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-n", type=int, default=300)

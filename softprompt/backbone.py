@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
@@ -155,6 +156,7 @@ class Backbone:
     def load(cls, spec: str = DEFAULT_MODEL, device: str | None = None) -> Backbone:
         """Load any supported model spec; GGUF weights are dequantized once and cached."""
         start = time.perf_counter()
+        transformers.utils.logging.disable_progress_bar()
         source = resolve(spec)
         path, gguf_file = source.path, source.gguf_file
         if gguf_file is not None:

@@ -27,7 +27,7 @@ USER_ERRORS = (TaskError, DataError, TemplateError, VerbalizerError, ArtifactErr
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -205,10 +205,29 @@ def inspect(
     )
     for i, (vec, near) in enumerate(zip(prompt.vectors, prompt.nearest_tokens(classifier.backbone, k))):
         table.add_row(
-            str(i), f"{float(vec.norm()):.2f}", "  ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
+            str(i), f"{float(vec.detach().norm()):.2f}", "  ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
         )
     Console().print(table)
     console.print(f"(vocabulary embeddings have mean norm {vocab_norm:.2f})")
+
+
+@app.command("model")
+def model_info(
+    model: Annotated[
+        str, typer.Option(help="'default', a model folder, a hub id or a .gguf file")
+    ] = "default",
+) -> None:
+    """Load a model once (a GGUF is dequantized and cached) and print what it is."""
+    try:
+        backbone = Backbone.load(model)
+    except USER_ERRORS as err:
+        _fail(err)
+    params = sum(p.numel() for p in backbone.model.parameters())
+    Console().print(
+        f"{model}: {type(backbone.model).__name__}, {params / 1e6:.1f}M parameters, hidden {backbone.hidden_size}, "
+        f"vocabulary {backbone.vocab_size}, {backbone.dtype} on {backbone.device}; "
+        f"fingerprint {backbone.fingerprint}; loaded in {backbone.load_seconds:.1f}s"
+    )
 
 
 def main() -> None:

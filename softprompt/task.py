@@ -65,7 +65,7 @@ class TaskSpec(BaseModel):
 
     model: str = "default"
     template: str
-    verbalizer: dict[str, list[str] | str] | list[str]
+    verbalizer: dict[str, list[str] | str] | list[str] | None = None  # None: labels found in the data
     data: DataSpec
     init: str = "labels"
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -74,6 +74,8 @@ class TaskSpec(BaseModel):
     @field_validator("verbalizer")
     @classmethod
     def _labels_are_text(cls, value):
+        if value is None:
+            return None
         if isinstance(value, dict):
             return {str(k): v for k, v in value.items()}
         return [str(v) for v in value]

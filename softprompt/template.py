@@ -165,10 +165,10 @@ class Template:
         """Render rows to ids. Fields are cut (longest first) so a row fits `max_length`;
         soft tokens, fixed text and the answer slot are never cut."""
         pieces = self._pieces(rows, tokenize)
-        first_field = next(i for i, p in enumerate(pieces) if p.kind == "field")
         slot = next(i for i, p in enumerate(pieces) if p.kind == "slot")
-        prefix = list(bos or []) + [t for p in pieces[:first_field] for t in p.ids(0)]
-        body_pieces = pieces[first_field:slot]
+        shared_end = min(slot, next(i for i, p in enumerate(pieces) if p.kind == "field"))
+        prefix = list(bos or []) + [t for p in pieces[:shared_end] for t in p.ids(0)]
+        body_pieces = pieces[shared_end:slot]
         after_pieces = pieces[slot + 1 :] if self.fields_after_slot else []
         bodies, afters, truncated = [], [], 0
         for r in range(len(rows)):
@@ -177,6 +177,15 @@ class Template:
             truncated += _fit(fields, max_length - fixed)
             bodies.append([t for p in body_pieces for t in p.ids(r)])
             afters.append([t for p in after_pieces for t in p.ids(r)])
+        if not body_pieces:
+            # The slot precedes every field: the label is predicted from the prefix's last token,
+            # which therefore moves into each row (a row needs at least one token of its own).
+            if not prefix:
+                raise TemplateError(
+                    f"template {self.text!r} has nothing before {{{self.segments[self.slot_index].value}}}"
+                )
+            bodies = [[prefix[-1]] for _ in rows]
+            prefix = prefix[:-1]
         return Encoded(prefix, bodies, afters, truncated)
 
     def _pieces(

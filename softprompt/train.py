@@ -55,22 +55,26 @@ def subset(rows: EncodedRows, limit: int | None) -> EncodedRows:
 
 
 # -- data -----------------------------------------------------------------------------------
-def load_task_data(
-    spec: TaskSpec, template: Template, verbalizer: Verbalizer
-) -> tuple[list[Example], list[Example]]:
+def load_task_data(spec: TaskSpec, template: Template) -> tuple[Verbalizer, list[Example], list[Example]]:
+    """Read train and dev rows. Without a verbalizer in the task file, the labels found in the
+    training data become the verbalizer, each said by its own name (underscores read as spaces)."""
+    verbalizer = Verbalizer.from_spec(spec.verbalizer) if spec.verbalizer else None
+
     def read(path: str) -> list[Example]:
-        return load_examples(
-            spec.path(path), template.fields, spec.data.columns, spec.data.label, verbalizer.labels
-        )
+        labels = verbalizer.labels if verbalizer else None
+        return load_examples(spec.path(path), template.fields, spec.data.columns, spec.data.label, labels)
 
     train = read(spec.data.train)
+    if verbalizer is None:
+        names = sorted({str(e.label) for e in train})
+        verbalizer = Verbalizer.from_spec({name: [name.replace("_", " ")] for name in names})
     if spec.data.dev:
         dev = read(spec.data.dev)
     else:
         train, dev = split(train, spec.data.dev_fraction, spec.train.seed)
     if spec.train.shots:
         train = few_shot(train, spec.train.shots, spec.train.seed)
-    return train, dev
+    return verbalizer, train, dev
 
 
 def encode_examples(classifier: Classifier, examples: list[Example]) -> EncodedRows:
@@ -228,8 +232,8 @@ def train(
     if not resume and ((run / INFO_FILE).exists() or (run / CHECKPOINT).exists()):
         raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
     settings = spec.train
-    template, verbalizer = Template.parse(spec.template), Verbalizer.from_spec(spec.verbalizer)
-    train_examples, dev_examples = load_task_data(spec, template, verbalizer)
+    template = Template.parse(spec.template)
+    verbalizer, train_examples, dev_examples = load_task_data(spec, template)
     if backbone is None:
         with console.status(f"loading model {spec.model} ..."):
             backbone = Backbone.load(spec.model)

@@ -1,0 +1,30 @@
+"""Small helpers shared by the tests: a toy sentiment task on the tiny model."""
+
+import json
+
+POSITIVE = ["a great film", "great film, lovely", "lovely and moving", "a moving film", "great and lovely"]
+NEGATIVE = ["a dull mess", "boring mess", "dull, boring", "a boring film", "a dull film, boring"]
+
+
+def write_task(folder, model_dir, steps=8, extra=""):
+    rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [
+        {"text": t, "label": "negative"} for t in NEGATIVE
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = folder / "task.yaml"
+    task.write_text(
+        f"model: {model_dir}\n"
+        "template: '{soft:4} Review: {text} Sentiment: {label}'\n"
+        "verbalizer: {positive: [code], negative: [Sentiment]}\n"
+        "data: {train: train.jsonl, dev: dev.jsonl}\n"
+        "init: vocab\n"
+        f"train: {{steps: {steps}, batch_size: 4, lr: 0.3, eval_every: 2, patience: 100{extra}}}\n"
+    )
+    return task
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(file=open("/dev/null", "w"))

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from softprompt.cli import app
+
+from helpers import write_task
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("cli")
+    task = write_task(folder, tiny_model_dir, steps=4)
+    result = runner.invoke(app, ["train", str(task), "--out", str(folder / "run"), "--eval-every", "2"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_train_reports_zero_shot_then_the_best_prompt(trained_run):
+    info = json.loads((trained_run / "run" / "task.json").read_text())
+    assert info["metrics"]["steps"] == 4
+    assert info["training"]["eval_every"] == 2  # the CLI flag overrode the task file
+
+
+def test_eval_prints_accuracy_per_class_and_confusion(trained_run):
+    result = runner.invoke(app, ["eval", str(trained_run / "run"), "--data", str(trained_run / "dev.jsonl")])
+    assert result.exit_code == 0, result.output
+    for word in ("accuracy", "macro-F1", "precision", "recall", "confusion matrix", "positive", "negative"):
+        assert word in result.output
+
+
+def test_eval_json_report(trained_run):
+    result = runner.invoke(
+        app, ["eval", str(trained_run / "run"), "--data", str(trained_run / "dev.jsonl"), "--json"]
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n"] == 10 and sum(map(sum, report["confusion"])) == 10
+
+
+def test_predict_one_text_shows_label_and_probabilities(trained_run):
+    result = runner.invoke(app, ["predict", str(trained_run / "run"), "a great film"])
+    assert result.exit_code == 0, result.output
+    assert "prediction:" in result.output and "probability" in result.output
+
+
+def test_predict_a_file_writes_jsonl(trained_run):
+    out = trained_run / "pred.jsonl"
+    result = runner.invoke(
+        app,
+        ["predict", str(trained_run / "run"), "--input", str(trained_run / "dev.jsonl"), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 10
+    assert set(rows[0]["probabilities"]) == {"positive", "negative"}
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_inspect_lists_norm_and_nearest_tokens_per_soft_token(trained_run):
+    result = runner.invoke(app, ["inspect", str(trained_run / "run"), "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "4 soft tokens" in result.output and "norm" in result.output
+
+
+def test_bad_data_is_a_clear_error_and_no_run_is_written(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path, tiny_model_dir, steps=2)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write('{"text": "fine", "label": "meh"}\n')
+    result = runner.invoke(app, ["train", str(task), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "train.jsonl:21" in result.output and "'meh'" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_run_folder_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path / "nope"), "hello"])
+    assert result.exit_code == 2
+    assert "not a run folder" in result.output

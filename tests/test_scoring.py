@@ -1,0 +1,86 @@
+"""The fast scoring path (shared prefix cache, label rows only) must equal a plain full-sequence
+computation of the same log-probabilities."""
+
+import pytest
+import torch
+
+from softprompt.classify import Classifier
+from softprompt.prompt import init_prompt
+from softprompt.template import Template
+from softprompt.verbalizer import Verbalizer
+
+ROWS = [{"text": "a great film"}, {"text": "a dull, boring mess with many more words in it"}, {"text": "ok"}]
+
+
+def reference_label_probs(clf: Classifier, encoded, row: int) -> torch.Tensor:
+    """Score each choice by running prefix + body + word (+ after) as one sequence, no cache."""
+    bb = clf.backbone
+    context = encoded.prefix + encoded.bodies[row]
+    scores = []
+    for word in clf.choices.ids:
+        tokens = word + encoded.afters[row]
+        ids = torch.tensor([context + tokens])
+        hidden = bb.body(inputs_embeds=clf.lm.splice(ids)).last_hidden_state
+        logp = torch.log_softmax(bb.model.lm_head(hidden), -1)[0]
+        start = len(context) - 1
+        scores.append(sum(logp[start + j, t] for j, t in enumerate(tokens)))
+    return torch.softmax(clf.choices.label_scores(torch.stack(scores).unsqueeze(0)), -1)[0]
+
+
+@pytest.mark.parametrize(
+    "template, words",
+    [
+        ("{soft:5} Review: {text} Sentiment: {label}", {"positive": ["positive"], "negative": ["negative"]}),
+        (
+            "{soft:5} Review: {text} Sentiment: {label}",
+            {"pos": ["great film", "positive"], "neg": ["dull mess"]},
+        ),
+        ("{soft:3} Sentiment: {label}. Review: {text}", {"pos": ["positive"], "neg": ["negative"]}),
+        ("Review: {text} {soft:4} Sentiment: {label}", {"pos": ["positive"], "neg": ["negative", "boring"]}),
+    ],
+)
+def test_cached_batched_scores_equal_full_sequence_reference(tiny_backbone, template, words):
+    t = Template.parse(template)
+    v = Verbalizer.from_spec(words)
+    clf = Classifier(tiny_backbone, t, v, init_prompt("vocab", t.soft_tokens, tiny_backbone, seed=3))
+    enc = clf.encode(ROWS)
+    probs = clf.predict_proba(enc, batch_size=2)
+    with torch.no_grad():
+        expected = torch.stack([reference_label_probs(clf, enc.encoded, r) for r in range(len(ROWS))])
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_single_token_words_never_project_the_whole_vocabulary(tiny_backbone, monkeypatch):
+    t = Template.parse("{soft:2} Review: {text} Sentiment: {label}")
+    v = Verbalizer.from_spec({"positive": ["code"], "negative": ["Sentiment"]})  # one token each here
+    clf = Classifier(tiny_backbone, t, v, init_prompt("random", 2, tiny_backbone))
+    assert clf.choices.single_token
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("full-vocabulary projection used")
+
+    monkeypatch.setattr(tiny_backbone, "token_log_probs", forbidden)
+    monkeypatch.setattr(tiny_backbone.model.lm_head, "forward", forbidden)
+    assert clf.predict_proba(clf.encode(ROWS)).shape == (3, 2)
+
+
+def test_gradient_reaches_every_soft_vector_through_the_shared_prefix(tiny_backbone):
+    t = Template.parse("{soft:4} Review: {text} Sentiment: {label}")
+    v = Verbalizer.from_spec({"pos": ["great film"], "neg": ["negative"]})
+    prompt = init_prompt("vocab", 4, tiny_backbone)
+    clf = Classifier(tiny_backbone, t, v, prompt)
+    enc = clf.encode(ROWS, ["pos", "neg", "neg"])
+    clf.loss(enc, [0, 1, 2]).backward()
+    assert prompt.vectors.grad is not None
+    assert (prompt.vectors.grad.norm(dim=-1) > 0).all()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+
+
+def test_results_do_not_depend_on_batch_composition(tiny_backbone):
+    t = Template.parse("{soft:3} Review: {text} Sentiment: {label}")
+    v = Verbalizer.from_spec({"pos": ["great film"], "neg": ["negative"]})
+    clf = Classifier(tiny_backbone, t, v, init_prompt("vocab", 3, tiny_backbone))
+    enc = clf.encode(ROWS)
+    together = clf.predict_proba(enc, batch_size=3)
+    alone = clf.predict_proba(enc, batch_size=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
