@@ -221,10 +221,13 @@ class Backbone:
             logits = logits + head.bias[token_ids].float()
         return self._cap(logits)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (fp32): for generation, never for classification."""
+        return self._cap(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
+
     def token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) at each position, normalised over the whole vocabulary ([N, H], [N] -> [N]).
 
         Only used where exactness needs the normaliser (inside multi-token answers); the
         fused cross-entropy avoids keeping a second vocabulary-sized tensor."""
-        logits = self._cap(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
-        return -torch.nn.functional.cross_entropy(logits, targets.to(self.device), reduction="none")
+        return -torch.nn.functional.cross_entropy(self.logits(hidden), targets.to(self.device), reduction="none")

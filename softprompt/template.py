@@ -121,6 +121,8 @@ class Template:
         after = self.segments[self.segments.index(slots[0]) + 1 :]
         if any(s.kind == "soft" for s in after):
             raise TemplateError(f"template {self.text!r}: soft tokens must come before {{{slot}}}")
+        if slot == "target" and any(s.kind != "text" for s in after):
+            raise TemplateError(f"template {self.text!r}: the answer is generated last, so nothing but text may follow {{target}}")
 
     @property
     def fields(self) -> list[str]:

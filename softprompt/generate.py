@@ -1,0 +1,204 @@
+"""Generation with a soft prompt: training on target tokens, and batched decoding.
+
+Training: the loss is the causal-LM loss on the target tokens only (plus an end-of-answer token the
+model learns to emit); logits are computed only at the positions that carry loss.
+
+Decoding (greedy, beam search, sampling) uses the key/value cache: the shared prefix (soft tokens +
+fixed text) runs once per batch, each row's input once, then one position per new token. Rows are
+right-padded; every row gets its own position ids and padded slots are masked, so a row's output does
+not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import Backbone
+from .prompt import SoftPrompt
+from .prompted import Prefix, PromptedLM, RowsOutput
+from .template import Encoded, Template
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # cut the answer at the first of these
+    length_penalty: float = 1.0  # beam search: score / length ** penalty
+    seed: int = 0
+
+
+@dataclass
+class GenRows:
+    encoded: Encoded
+    targets: list[list[int]] | None  # target ids incl. the end marker, when known
+
+    def __len__(self) -> int:
+        return len(self.encoded.bodies)
+
+
+class Generator:
+    def __init__(
+        self,
+        backbone: Backbone,
+        template: Template,
+        prompt: SoftPrompt | None,
+        max_length: int = 1024,
+        max_target_length: int = 256,
+    ) -> None:
+        self.backbone = backbone
+        self.template = template
+        self.lm = PromptedLM(backbone, prompt)
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        self.eos_id = backbone.tokenizer.eos_token_id
+
+    def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:
+        tokenize = lambda texts: self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        budget = self.max_length - (self.max_target_length if targets is not None else 0)
+        encoded = self.template.encode(rows, tokenize, budget)
+        target_ids = None
+        if targets is not None:
+            lead = self.template.slot_lead
+            target_ids = [ids[: self.max_target_length - 1] + [self.eos_id] for ids in tokenize([lead + t for t in targets])]
+        return GenRows(encoded, target_ids)
+
+    # -- training -----------------------------------------------------------------------------
+    def loss(self, rows: GenRows, index: list[int]) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens of a batch."""
+        assert rows.targets is not None
+        prefix = self.lm.run_prefix(rows.encoded.prefix)
+        bodies = [rows.encoded.bodies[i] for i in index]
+        targets = [rows.targets[i] for i in index]
+        out = self.lm.run_rows(prefix, [b + t for b, t in zip(bodies, targets)])
+        row_idx = torch.tensor([r for r, t in enumerate(targets) for _ in t])
+        pos_idx = torch.tensor([len(bodies[r]) - 1 + k for r, t in enumerate(targets) for k in range(len(t))])
+        labels = torch.tensor([tok for t in targets for tok in t])
+        hidden = out.hidden[row_idx.to(out.hidden.device), pos_idx.to(out.hidden.device)]
+        return -self.backbone.token_log_probs(hidden, labels).mean()
+
+    # -- decoding -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, rows: GenRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None) -> list[str]:
+        """Decoded answers, in row order."""
+        config = config or DecodeConfig()
+        prefix = self.lm.run_prefix(rows.encoded.prefix)
+        generator = torch.Generator().manual_seed(config.seed)
+        order = sorted(range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]))
+        answers: list[str] = [""] * len(rows)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            bodies = [rows.encoded.bodies[i] for i in index]
+            if config.num_beams > 1:
+                outputs = self._beam_search(prefix, bodies, config)
+            else:
+                outputs = self._sample(prefix, bodies, config, generator)
+            for i, tokens in zip(index, outputs):
+                answers[i] = self._text(tokens, config.stop)
+            if progress is not None:
+                progress(len(index))
+        return answers
+
+    def _text(self, tokens: list[int], stop: list[str]) -> str:
+        text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True)
+        for marker in stop:
+            if marker in text:
+                text = text[: text.index(marker)]
+        return text.strip()
+
+    def _stopped(self, tokens: list[int], stop: list[str]) -> bool:
+        if tokens and tokens[-1] == self.eos_id:
+            return True
+        if stop:
+            text = self.backbone.tokenizer.decode(tokens[-16:], skip_special_tokens=True)
+            return any(marker in text for marker in stop)
+        return False
+
+    def _start(self, prefix: Prefix, bodies: list[list[int]]) -> tuple[RowsOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the rows; return their output, the next-token hidden states, attention mask and positions."""
+        out = self.lm.run_rows(prefix, bodies)
+        last = (out.lengths - 1).to(out.hidden.device)
+        hidden = out.hidden[torch.arange(len(bodies)), last]
+        mask = torch.cat([torch.ones(len(bodies), prefix.length, dtype=torch.long), out.mask], dim=1)
+        return out, hidden, mask, prefix.length + out.lengths
+
+    def _step(self, out: RowsOutput, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """Feed one new token per row; returns the new hidden states and the grown mask."""
+        mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)
+        hidden, out.cache = self.backbone.run(
+            self.lm.splice(tokens.view(-1, 1)), mask, positions.view(-1, 1), out.cache
+        )
+        return hidden[:, -1], mask
+
+    def _sample(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator) -> list[list[int]]:
+        out, hidden, mask, positions = self._start(prefix, bodies)
+        generated: list[list[int]] = [[] for _ in bodies]
+        done = [False] * len(bodies)
+        for _ in range(config.max_new_tokens):
+            logits = self.backbone.logits(hidden).cpu()
+            if config.do_sample:
+                tokens = _sample_top_p(logits, config.temperature, config.top_p, generator)
+            else:
+                tokens = logits.argmax(-1)
+            for r, token in enumerate(tokens.tolist()):
+                if not done[r]:
+                    generated[r].append(token)
+                    done[r] = self._stopped(generated[r], config.stop)
+            if all(done):
+                break
+            hidden, mask = self._step(out, tokens, mask, positions)
+            positions = positions + 1
+        return generated
+
+    def _beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
+        beams = config.num_beams
+        out, hidden, mask, positions = self._start(prefix, bodies)
+        rows = len(bodies)
+        out.cache.batch_repeat_interleave(beams)
+        hidden = hidden.repeat_interleave(beams, 0)
+        mask = mask.repeat_interleave(beams, 0)
+        positions = positions.repeat_interleave(beams, 0)
+        scores = torch.full((rows, beams), -float("inf"))
+        scores[:, 0] = 0.0
+        histories: list[list[int]] = [[] for _ in range(rows * beams)]
+        done = torch.zeros(rows * beams, dtype=torch.bool)
+        for _ in range(config.max_new_tokens):
+            logp = torch.log_softmax(self.backbone.logits(hidden).cpu(), -1)
+            # A finished beam may only "emit" EOS at no cost, so it keeps its score and place.
+            logp[done] = -float("inf")
+            logp[done, self.eos_id] = 0.0
+            vocab = logp.shape[-1]
+            candidates = (scores.view(-1, 1) + logp).view(rows, beams * vocab)
+            scores, flat = candidates.topk(beams, dim=-1)
+            source = (flat // vocab) + torch.arange(rows).unsqueeze(1) * beams
+            tokens = (flat % vocab).view(-1)
+            source = source.view(-1)
+            histories = [
+                histories[s] + ([] if done[s] else [t]) for s, t in zip(source.tolist(), tokens.tolist())
+            ]
+            done = torch.tensor([bool(done[s]) or self._stopped(h, config.stop) for s, h in zip(source.tolist(), histories)])
+            if bool(done.all()):
+                break
+            out.cache.batch_select_indices(source.to(self.backbone.device))
+            mask = mask[source]
+            hidden, mask = self._step(out, tokens, mask, positions)
+            positions = positions + 1
+        final = scores.view(-1) / torch.tensor([max(1, len(h)) ** config.length_penalty for h in histories])
+        best = final.view(rows, beams).argmax(-1) + torch.arange(rows) * beams
+        return [histories[b] for b in best.tolist()]
+
+
+def _sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from softprompt.generate import DecodeConfig, Generator
+from softprompt.prompt import init_prompt
+from softprompt.template import Template, TemplateError
+
+ROWS = [
+    {"input": "def add(a, b): return a + b"},
+    {"input": "x"},
+    {"input": "Preciso marcar um horário com o gerente para amanhã, por favor, obrigado"},
+]
+
+
+def make(backbone, template="{soft:4} Code: {input} Summary: {target}"):
+    t = Template.parse(template, slot="target")
+    prompt = init_prompt("vocab", t.soft_tokens, backbone, seed=2) if t.soft_tokens else None
+    return Generator(backbone, t, prompt)
+
+
+def test_greedy_equals_transformers_generate_without_soft_tokens(tiny_backbone):
+    gen = make(tiny_backbone, "Code: {input} Summary: {target}")
+    rows = gen.encode(ROWS[:1])
+    ids = torch.tensor([rows.encoded.prefix + rows.encoded.bodies[0]])
+    expected = tiny_backbone.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, ids.shape[1] :]
+    ours = gen._sample(gen.lm.run_prefix(rows.encoded.prefix), rows.encoded.bodies, DecodeConfig(max_new_tokens=6), None)
+    assert ours[0] == expected.tolist()
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_row_decodes_the_same_alone_and_in_a_mixed_length_batch(tiny_backbone, beams):
+    gen = make(tiny_backbone)
+    rows = gen.encode(ROWS)
+    config = DecodeConfig(max_new_tokens=8, num_beams=beams)
+    together = gen.generate(rows, config, batch_size=3)
+    alone = [gen.generate(gen.encode([row]), config, batch_size=1)[0] for row in ROWS]
+    assert together == alone
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_backbone):
+    gen = make(tiny_backbone)
+    rows = gen.encode(ROWS[:1])
+    prefix = gen.lm.run_prefix(rows.encoded.prefix)
+    greedy = gen._sample(prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5), None)[0]
+    beam = gen._beam_search(prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5, num_beams=4, length_penalty=0))[0]
+
+    def logprob(tokens):
+        with torch.no_grad():
+            out = gen.lm.run_rows(prefix, [rows.encoded.bodies[0] + tokens])
+            start = len(rows.encoded.bodies[0]) - 1
+            hidden = out.hidden[0, start : start + len(tokens)]
+            return float(tiny_backbone.token_log_probs(hidden, torch.tensor(tokens)).sum())
+
+    assert logprob(beam) >= logprob(greedy) - 1e-4
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_backbone):
+    gen = make(tiny_backbone)
+    rows = gen.encode(ROWS)
+    config = DecodeConfig(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=0.9, seed=7)
+    assert gen.generate(rows, config) == gen.generate(rows, config)
+
+
+def test_stop_strings_cut_the_answer(tiny_backbone):
+    gen = make(tiny_backbone)
+    rows = gen.encode(ROWS[:1])
+    full = gen.generate(rows, DecodeConfig(max_new_tokens=10))[0]
+    assert len(full) > 2
+    marker = full[1:3]
+    cut = gen.generate(rows, DecodeConfig(max_new_tokens=10, stop=[marker]))[0]
+    assert marker not in cut and full.startswith(cut)
+
+
+def test_loss_counts_only_target_tokens_and_trains_the_prompt(tiny_backbone):
+    gen = make(tiny_backbone)
+    rows = gen.encode(ROWS, ["adds two numbers", "x", "a meeting request"])
+    assert all(t[-1] == gen.eos_id for t in rows.targets)
+    loss = gen.loss(rows, [0, 1, 2])
+    loss.backward()
+    assert gen.lm.prompt.vectors.grad.abs().sum() > 0
+    # changing the input but not the target changes the loss; padding others in the batch does not
+    alone = gen.loss(rows, [1])
+    with_others = gen.loss(gen.encode([ROWS[1]], ["x"]), [0])
+    torch.testing.assert_close(alone, with_others)
+
+
+def test_generation_templates_must_end_with_the_target(tiny_backbone):
+    with pytest.raises(TemplateError, match="nothing but text may follow"):
+        Template.parse("{soft:2} {target} Code: {input}", slot="target")
