@@ -230,4 +230,6 @@ class Backbone:
 
         Only used where exactness needs the normaliser (inside multi-token answers); the
         fused cross-entropy avoids keeping a second vocabulary-sized tensor."""
-        return -torch.nn.functional.cross_entropy(self.logits(hidden), targets.to(self.device), reduction="none")
+        return -torch.nn.functional.cross_entropy(
+            self.logits(hidden), targets.to(self.device), reduction="none"
+        )

@@ -65,7 +65,10 @@ class Generator:
         target_ids = None
         if targets is not None:
             lead = self.template.slot_lead
-            target_ids = [ids[: self.max_target_length - 1] + [self.eos_id] for ids in tokenize([lead + t for t in targets])]
+            target_ids = [
+                ids[: self.max_target_length - 1] + [self.eos_id]
+                for ids in tokenize([lead + t for t in targets])
+            ]
         return GenRows(encoded, target_ids)
 
     # -- training -----------------------------------------------------------------------------
@@ -84,7 +87,9 @@ class Generator:
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, rows: GenRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None) -> list[str]:
+    def generate(
+        self, rows: GenRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None
+    ) -> list[str]:
         """Decoded answers, in row order."""
         config = config or DecodeConfig()
         prefix = self.lm.run_prefix(rows.encoded.prefix)
@@ -119,7 +124,9 @@ class Generator:
             return any(marker in text for marker in stop)
         return False
 
-    def _start(self, prefix: Prefix, bodies: list[list[int]]) -> tuple[RowsOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _start(
+        self, prefix: Prefix, bodies: list[list[int]]
+    ) -> tuple[RowsOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the rows; return their output, the next-token hidden states, attention mask and positions."""
         out = self.lm.run_rows(prefix, bodies)
         last = (out.lengths - 1).to(out.hidden.device)
@@ -135,7 +142,9 @@ class Generator:
         )
         return hidden[:, -1], mask
 
-    def _sample(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator) -> list[list[int]]:
+    def _sample(
+        self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
+    ) -> list[list[int]]:
         out, hidden, mask, positions = self._start(prefix, bodies)
         generated: list[list[int]] = [[] for _ in bodies]
         done = [False] * len(bodies)
@@ -181,7 +190,9 @@ class Generator:
             histories = [
                 histories[s] + ([] if done[s] else [t]) for s, t in zip(source.tolist(), tokens.tolist())
             ]
-            done = torch.tensor([bool(done[s]) or self._stopped(h, config.stop) for s, h in zip(source.tolist(), histories)])
+            done = torch.tensor(
+                [bool(done[s]) or self._stopped(h, config.stop) for s, h in zip(source.tolist(), histories)]
+            )
             if bool(done.all()):
                 break
             out.cache.batch_select_indices(source.to(self.backbone.device))
@@ -193,7 +204,9 @@ class Generator:
         return [histories[b] for b in best.tolist()]
 
 
-def _sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def _sample_top_p(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
     if top_p < 1.0:

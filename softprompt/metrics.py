@@ -1,9 +1,16 @@
-"""Classification metrics. Written out (a few lines of numpy) rather than pulling in scikit-learn,
-which would add a large dependency for four formulas."""
+"""Metrics. Classification ones are written out (a few lines of numpy) rather than pulling in
+scikit-learn, a large dependency for four formulas; BLEU/chrF come from sacrebleu and ROUGE-L from
+rouge-score, the reference implementations."""
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
+
 import numpy as np
+import sacrebleu
+from rouge_score import rouge_scorer
 
 
 def confusion(gold: list[int], pred: list[int], n_labels: int) -> np.ndarray:
@@ -40,3 +47,47 @@ def classification_report(gold: list[int], pred: list[int], labels: list[str]) -
         "labels": labels,
         "confusion": matrix.tolist(),
     }
+
+
+# -- generation ------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_scores(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-L F (rouge-score), exact match and token F1
+    (SQuAD-style), each on a 0-100 scale; `names` picks which."""
+    scores: dict[str, float] = {}
+    if "bleu" in names:
+        scores["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    if "chrf" in names:
+        scores["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    if "rouge_l" in names:
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        values = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+        scores["rouge_l"] = 100 * sum(values) / max(1, len(values))
+    if "exact_match" in names:
+        scores["exact_match"] = (
+            100 * sum(map(exact_match, predictions, references)) / max(1, len(predictions))
+        )
+    if "f1" in names:
+        scores["f1"] = 100 * sum(map(token_f1, predictions, references)) / max(1, len(predictions))
+    return scores

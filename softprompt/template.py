@@ -122,7 +122,9 @@ class Template:
         if any(s.kind == "soft" for s in after):
             raise TemplateError(f"template {self.text!r}: soft tokens must come before {{{slot}}}")
         if slot == "target" and any(s.kind != "text" for s in after):
-            raise TemplateError(f"template {self.text!r}: the answer is generated last, so nothing but text may follow {{target}}")
+            raise TemplateError(
+                f"template {self.text!r}: the answer is generated last, so nothing but text may follow {{target}}"
+            )
 
     @property
     def fields(self) -> list[str]:

@@ -23,9 +23,16 @@ def test_greedy_equals_transformers_generate_without_soft_tokens(tiny_backbone):
     rows = gen.encode(ROWS[:1])
     ids = torch.tensor([rows.encoded.prefix + rows.encoded.bodies[0]])
     expected = tiny_backbone.model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
     )[0, ids.shape[1] :]
-    ours = gen._sample(gen.lm.run_prefix(rows.encoded.prefix), rows.encoded.bodies, DecodeConfig(max_new_tokens=6), None)
+    ours = gen._sample(
+        gen.lm.run_prefix(rows.encoded.prefix), rows.encoded.bodies, DecodeConfig(max_new_tokens=6), None
+    )
     assert ours[0] == expected.tolist()
 
 
@@ -44,7 +51,9 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_backbone
     rows = gen.encode(ROWS[:1])
     prefix = gen.lm.run_prefix(rows.encoded.prefix)
     greedy = gen._sample(prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5), None)[0]
-    beam = gen._beam_search(prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5, num_beams=4, length_penalty=0))[0]
+    beam = gen._beam_search(
+        prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5, num_beams=4, length_penalty=0)
+    )[0]
 
     def logprob(tokens):
         with torch.no_grad():
