@@ -27,7 +27,9 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
     from rich.console import Console
 
     from softprompt import Backbone, TaskSpec, load_classifier
-    from softprompt.train import encode_examples, evaluate, load_task_data, subset, train
+    from softprompt.data import load_examples
+    from softprompt.metrics import classification_report
+    from softprompt.train import train
 
     start = time.perf_counter()
     backbone = Backbone.load("default")
@@ -47,11 +49,12 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
     with TemporaryDirectory() as run:
         info = train(spec, run, backbone=backbone, console=Console(stderr=True))
         classifier, _ = load_classifier(run, backbone)
-        _, _, dev = load_task_data(spec, classifier.template)
-        rows = subset(encode_examples(classifier, dev), eval_n)
+        dev = load_examples(data / "dev.jsonl", ["text"])[:eval_n]
         started = time.perf_counter()
-        report = evaluate(classifier, rows, batch_size=32)
+        rows = classifier.encode([e.fields for e in dev], [str(e.label) for e in dev])
+        predicted = classifier.predict_proba(rows, batch_size=32).argmax(-1).tolist()
         eval_s = time.perf_counter() - started
+        report = classification_report(rows.labels.tolist(), predicted, classifier.labels)
     return {
         "train_examples_per_s": info.metrics["train_examples_per_s"],
         "eval_examples_per_s": len(rows) / eval_s,

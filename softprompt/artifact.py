@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from .backbone import Backbone
 from .classify import Classifier
+from .generate import Generator
 from .prompt import SoftPrompt
 from .template import Template
 from .verbalizer import Verbalizer
@@ -35,9 +36,12 @@ class RunInfo(BaseModel):
     model: str
     fingerprint: str
     template: str
-    verbalizer: dict[str, list[str]]
-    columns: dict[str, str] = Field(default_factory=dict)
+    verbalizer: dict[str, list[str]] | None = None  # classification
     label_column: str = "label"
+    generation: dict | None = None  # generation: metrics, language, decoding settings
+    target_column: str = "target"
+    tests_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
     soft_tokens: int
     max_length: int
     init: str
@@ -76,17 +80,22 @@ def check_model(info: RunInfo, backbone: Backbone, run: str | Path) -> None:
         )
 
 
-def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:
-    """A ready classifier from a run folder, on `backbone` (loaded from the run's model if None)."""
+def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier | Generator, RunInfo]:
+    """A ready classifier or generator from a run folder, on `backbone` (the run's model if None)."""
     info = RunInfo.read(run)
     backbone = backbone or Backbone.load(info.model)
     check_model(info, backbone, run)
-    prompt = SoftPrompt.load(run)
-    classifier = Classifier(
-        backbone,
-        Template.parse(info.template),
-        Verbalizer.from_spec(info.verbalizer),
-        prompt.to(backbone.device),
-        info.max_length,
-    )
-    return classifier, info
+    prompt = SoftPrompt.load(run).to(backbone.device)
+    if info.kind == "generation":
+        template = Template.parse(info.template, slot="target")
+        target_length = (info.generation or {}).get("max_target_length", 256)
+        return Generator(backbone, template, prompt, info.max_length, target_length), info
+    verbalizer = Verbalizer.from_spec(info.verbalizer or {})
+    return Classifier(backbone, Template.parse(info.template), verbalizer, prompt, info.max_length), info
+
+
+def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:
+    model, info = load_run(run, backbone)
+    if not isinstance(model, Classifier):
+        raise ArtifactError(f"{run}: a {info.kind} run, not a classifier")
+    return model, info

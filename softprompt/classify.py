@@ -44,10 +44,6 @@ class Classifier:
         prompt: SoftPrompt | None,
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> None:
-        if prompt is None and template.soft_tokens:
-            raise ValueError(
-                "the template has soft tokens: give a soft prompt or use template.without_soft()"
-            )
         if prompt is not None and prompt.length != template.soft_tokens:
             raise ValueError(
                 f"the prompt has {prompt.length} vectors, the template {template.soft_tokens} soft tokens"

@@ -1,21 +1,26 @@
-"""The `softprompt` command line: train, eval, predict, inspect."""
+"""The `softprompt` command line: train, eval, predict, inspect, model."""
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .artifact import ArtifactError, load_classifier
+from .artifact import ArtifactError, load_classifier, load_run
 from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
+from .generate import DecodeConfig, Generator
+from .metrics import classification_report
 from .prompt import InitError
-from .task import TaskError, load_task
+from .task import GenerationSpec, TaskError, load_task
+from .tasks import score_generations, write_predictions
 from .template import TemplateError
 from .verbalizer import VerbalizerError
 
@@ -97,30 +102,70 @@ def train(
         raise typer.Exit(130) from None
 
 
+def _decode_options(
+    info,
+    max_new_tokens: int | None,
+    num_beams: int | None,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    stop: list[str] | None,
+) -> DecodeConfig:
+    saved = info.generation or {}
+    return DecodeConfig(
+        max_new_tokens=max_new_tokens or saved.get("max_new_tokens", 128),
+        num_beams=num_beams or saved.get("num_beams", 1),
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop if stop is not None else saved.get("stop", []),
+    )
+
+
+MaxNewTokens = Annotated[Optional[int], typer.Option(help="generation: tokens to generate at most")]
+NumBeams = Annotated[Optional[int], typer.Option(help="generation: beam search width (1 = greedy)")]
+Sample = Annotated[bool, typer.Option("--sample", help="generation: sample instead of greedy/beam")]
+Temperature = Annotated[float, typer.Option(help="generation: sampling temperature")]
+TopP = Annotated[float, typer.Option(help="generation: nucleus sampling mass")]
+Stop = Annotated[Optional[list[str]], typer.Option(help="generation: stop string (repeatable)")]
+
+
 @app.command("eval")
 def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="run folder")],
     data: Annotated[Path, typer.Option(help="labelled rows (.jsonl, .csv, .tsv)")],
     model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
+    limit: Annotated[Optional[int], typer.Option(help="score only the first N rows")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="generation: per-row predictions file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    max_new_tokens: MaxNewTokens = None,
+    num_beams: NumBeams = None,
 ) -> None:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
-    from .train import encode_examples, evaluate
-
+    """Score a run on labelled data: accuracy, macro-F1, per-class P/R/F1 and confusion matrix for
+    classification; the task's metrics and per-row predictions for generation."""
     try:
-        classifier, info = load_classifier(run, _backbone(run, model))
-        examples = load_examples(
-            data, classifier.template.fields, info.columns, info.label_column, classifier.labels
-        )
+        task_model, info = load_run(run, _backbone(run, model))
+        fields = task_model.template.fields
+        if isinstance(task_model, Generator):
+            keep = [info.tests_column] if info.tests_column else None
+            examples = load_examples(data, fields, info.columns, info.target_column, keep=keep)[:limit]
+        else:
+            examples = load_examples(data, fields, info.columns, info.label_column, task_model.labels)[:limit]
     except USER_ERRORS as err:
         _fail(err)
-    report = evaluate(classifier, encode_examples(classifier, examples), batch_size)
+    if isinstance(task_model, Generator):
+        return _eval_generation(
+            task_model, info, examples, run, data, out, batch_size, as_json, max_new_tokens, num_beams
+        )
+    rows = task_model.encode([e.fields for e in examples], [str(e.label) for e in examples])
+    probs = task_model.predict_proba(rows, batch_size)
+    report = classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), task_model.labels)
     if as_json:
         print(json.dumps(report))
         return
-    out = Console()
-    out.print(
+    show = Console()
+    show.print(
         f"[bold]{data}[/]: n={report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}"
     )
     table = Table("label", "precision", "recall", "f1", "support")
@@ -128,59 +173,98 @@ def evaluate_cmd(
         table.add_row(
             label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
         )
-    out.print(table)
+    show.print(table)
     matrix = Table("gold \\ predicted", *report["labels"], title="confusion matrix")
     for label, row in zip(report["labels"], report["confusion"]):
         matrix.add_row(label, *map(str, row))
-    out.print(matrix)
+    show.print(matrix)
+
+
+def _eval_generation(
+    generator, info, examples, run, data, out, batch_size, as_json, max_new_tokens, num_beams
+) -> None:
+    config = _decode_options(info, max_new_tokens, num_beams, False, 1.0, 1.0, None)
+    rows = generator.encode([e.fields for e in examples])
+    with _progress("decoding", len(examples)) as advance:
+        predictions = generator.generate(rows, config, min(batch_size, 16), advance)
+    spec = GenerationSpec.model_validate(info.generation or {})
+    report = score_generations(predictions, examples, spec, info.tests_column)
+    out = out or Path(run) / f"eval_{Path(data).stem}.predictions.jsonl"
+    write_predictions(out, report.pop("rows"))
+    if as_json:
+        print(json.dumps(report))
+        return
+    scores = "  ".join(f"{k} {v:.2f}" for k, v in report.items() if k != "n")
+    Console().print(f"[bold]{data}[/]: n={report['n']}  {scores}")
+    console.print(f"per-row predictions written to {out}")
 
 
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="run folder")],
     text: Annotated[Optional[str], typer.Argument(help="one input (templates with a single field)")] = None,
-    input: Annotated[
-        Optional[Path], typer.Option("--input", help="rows to classify (.jsonl, .csv, .tsv)")
-    ] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="rows to run (.jsonl, .csv, .tsv)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="write JSONL here instead of stdout")] = None,
     model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_new_tokens: MaxNewTokens = None,
+    num_beams: NumBeams = None,
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    stop: Stop = None,
 ) -> None:
-    """Label one text, or every row of --input (JSONL out: label and probabilities)."""
+    """Label (classification) or answer (generation) one text, or every row of --input (JSONL out)."""
     if (text is None) == (input is None):
         _fail(ValueError("give either a TEXT or --input FILE"))
     try:
-        classifier, info = load_classifier(run, _backbone(run, model))
-        fields = classifier.template.fields
+        task_model, info = load_run(run, _backbone(run, model))
+        fields = task_model.template.fields
         if text is not None:
             if len(fields) != 1:
                 raise DataError(f"the template has fields {fields}: use --input with a row per input")
             rows = [{fields[0]: text}]
         else:
-            examples = load_examples(input, fields, info.columns, label_column=None)
-            rows = [e.fields for e in examples]
+            rows = [e.fields for e in load_examples(input, fields, info.columns, label_column=None)]
     except USER_ERRORS as err:
         _fail(err)
-    probs = classifier.predict_proba(classifier.encode(rows), batch_size)
-    results = [
-        {
-            "label": classifier.labels[int(p.argmax())],
-            "probabilities": dict(zip(classifier.labels, map(float, p))),
-        }
-        for p in probs
-    ]
-    if text is not None and out is None:
-        table = Table("label", "probability", title=f"prediction: [bold]{results[0]['label']}")
-        for label, p in sorted(results[0]["probabilities"].items(), key=lambda kv: -kv[1]):
-            table.add_row(label, f"{p:.3f}")
-        Console().print(table)
-        return
+    if isinstance(task_model, Generator):
+        config = _decode_options(info, max_new_tokens, num_beams, sample, temperature, top_p, stop)
+        with _progress("decoding", len(rows)) as advance:
+            answers = task_model.generate(task_model.encode(rows), config, batch_size, advance)
+        results = [{"prediction": a} for a in answers]
+        if text is not None and out is None:
+            Console().print(answers[0], highlight=False, markup=False)
+            return
+    else:
+        probs = task_model.predict_proba(task_model.encode(rows), batch_size)
+        labels = task_model.labels
+        results = [
+            {"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
+            for p in probs
+        ]
+        if text is not None and out is None:
+            table = Table("label", "probability", title=f"prediction: [bold]{results[0]['label']}")
+            for label, p in sorted(results[0]["probabilities"].items(), key=lambda kv: -kv[1]):
+                table.add_row(label, f"{p:.3f}")
+            Console().print(table)
+            return
     lines = "".join(json.dumps({**row, **r}, ensure_ascii=False) + "\n" for row, r in zip(rows, results))
     if out is None:
         sys.stdout.write(lines)
     else:
         out.write_text(lines, encoding="utf-8")
         console.print(f"{len(results)} predictions written to {out}")
+
+
+@contextmanager
+def _progress(what: str, total: int):
+    """A progress bar on stderr; yields the function that advances it."""
+    with Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,8 +20,9 @@ class DataError(ValueError):
 @dataclass
 class Example:
     fields: dict[str, str]  # template field -> text
-    label: str | None
+    label: str | None  # the label (classification) or target text (generation)
     source: str  # "file:line", for error messages
+    extra: dict[str, str] = field(default_factory=dict)  # other columns asked for (e.g. tests)
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
@@ -70,9 +71,11 @@ def load_examples(
     columns: dict[str, str] | None = None,
     label_column: str | None = "label",
     labels: list[str] | None = None,
+    keep: list[str] | None = None,
 ) -> list[Example]:
     """Validate and map rows. `columns` maps a template field to the data column holding it
-    (default: the same name). `labels`, when given, is the verbalizer's label set."""
+    (default: the same name). `labels`, when given, is the verbalizer's label set; `keep` names
+    further columns to carry along (each must be present and non-empty)."""
     columns = columns or {}
     known = set(labels) if labels is not None else None
     examples = []
@@ -91,7 +94,8 @@ def load_examples(
                     f"{where}: field {label_column!r}: label {label!r} is not in the verbalizer "
                     f"({', '.join(sorted(known))})"
                 )
-        examples.append(Example(values, label, where))
+        extra = {column: _text(record, column, where) for column in keep or []}
+        examples.append(Example(values, label, where, extra))
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class TaskError(ValueError):
@@ -44,7 +44,11 @@ class TrainSettings(BaseModel):
     eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev rows only")
     eval_batch_size: int = Field(32, ge=1)
     patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: str | None = Field(
+        None,
+        description="validation metric driving early stopping: accuracy | macro_f1 (classification, "
+        "default accuracy); bleu | chrf | rouge_l | exact_match | f1 | parse_rate | pass_rate (generation)",
+    )
     shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
     seed: int = 0
     max_length: int = Field(256, ge=8, description="tokens per row; input fields are cut to fit")
@@ -56,8 +60,25 @@ class DataSpec(BaseModel):
     train: str
     dev: str | None = None
     dev_fraction: float = Field(0.1, gt=0, lt=1, description="split off when no dev file is given")
-    label: str = "label"
+    label: str = Field("label", description="column holding the label (classification)")
+    target: str = Field("target", description="column holding the answer (generation)")
+    tests: str | None = Field(None, description="column holding a test program per row (execution metric)")
     columns: dict[str, str] = Field(default_factory=dict, description="template field -> data column")
+
+
+class GenerationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(default_factory=lambda: ["bleu", "chrf", "rouge_l"])
+    language: str | None = Field(None, description="javascript | python: check that outputs parse")
+    max_new_tokens: int = Field(128, ge=1)
+    max_target_length: int = Field(256, ge=2, description="target tokens kept for training")
+    num_beams: int = Field(1, ge=1)
+    stop: list[str] = Field(default_factory=list, description="cut answers at the first of these")
+
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+GENERATION_METRICS = ("bleu", "chrf", "rouge_l", "exact_match", "f1", "parse_rate", "pass_rate")
 
 
 class TaskSpec(BaseModel):
@@ -67,9 +88,37 @@ class TaskSpec(BaseModel):
     template: str
     verbalizer: dict[str, list[str] | str] | list[str] | None = None  # None: labels found in the data
     data: DataSpec
-    init: str = "labels"
+    init: str | None = Field(None, description="default: labels (classification), vocab (generation)")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     train: TrainSettings = Field(default_factory=TrainSettings)
     base_dir: str = Field(".", exclude=True)
+
+    @property
+    def kind(self) -> str:
+        """classification when the template has {label}, generation when it has {target}."""
+        return "generation" if "{target}" in self.template.replace(" ", "") else "classification"
+
+    @model_validator(mode="after")
+    def _defaults_by_kind(self) -> TaskSpec:
+        generation = self.kind == "generation"
+        if self.init is None:
+            self.init = "vocab" if generation else "labels"
+        allowed = GENERATION_METRICS if generation else CLASSIFICATION_METRICS
+        if self.train.metric is None:
+            self.train.metric = self.generation.metrics[0] if generation else "accuracy"
+        if self.train.metric not in allowed:
+            raise ValueError(
+                f"train.metric {self.train.metric!r} is not one of {', '.join(allowed)} ({self.kind})"
+            )
+        if generation:
+            unknown = [m for m in self.generation.metrics if m not in GENERATION_METRICS]
+            if unknown:
+                raise ValueError(
+                    f"generation.metrics: unknown {unknown}; use {', '.join(GENERATION_METRICS)}"
+                )
+            if self.train.metric not in self.generation.metrics:
+                self.generation.metrics.append(self.train.metric)
+        return self
 
     @field_validator("verbalizer")
     @classmethod

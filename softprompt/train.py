@@ -1,4 +1,4 @@
-"""Training a classification prompt: the loop, validation, early stopping, checkpoints, resume.
+"""Training a soft prompt: the loop, validation, early stopping, checkpoints, resume.
 
 Only the soft prompt's vectors get gradients. Validation runs every `eval_every` steps; the best
 prompt is written to the run folder as soon as it appears, so even an interrupted run leaves a
@@ -26,61 +26,15 @@ from safetensors.torch import load_file, save_file
 from . import plots
 from .artifact import INFO_FILE, RunInfo
 from .backbone import Backbone
-from .classify import Classifier, EncodedRows
-from .data import Example, few_shot, load_examples, split
-from .metrics import classification_report
 from .prompt import SoftPrompt, init_prompt
 from .task import TaskError, TaskSpec, TrainSettings
-from .template import Template
-from .verbalizer import Verbalizer
+from .tasks import _summary, make_task
 
 CHECKPOINT = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 
 
-# -- evaluation -----------------------------------------------------------------------------
-def evaluate(classifier: Classifier, rows: EncodedRows, batch_size: int = 32, progress=None) -> dict:
-    """Full classification report of `classifier` on encoded rows with known labels."""
-    probs = classifier.predict_proba(rows, batch_size, progress)
-    assert rows.labels is not None
-    return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), classifier.labels)
-
-
-def subset(rows: EncodedRows, limit: int | None) -> EncodedRows:
-    if limit is None or limit >= len(rows):
-        return rows
-    enc = rows.encoded
-    encoded = type(enc)(enc.prefix, enc.bodies[:limit], enc.afters[:limit], enc.truncated)
-    return EncodedRows(encoded, rows.labels[:limit] if rows.labels is not None else None)
-
-
-# -- data -----------------------------------------------------------------------------------
-def load_task_data(spec: TaskSpec, template: Template) -> tuple[Verbalizer, list[Example], list[Example]]:
-    """Read train and dev rows. Without a verbalizer in the task file, the labels found in the
-    training data become the verbalizer, each said by its own name (underscores read as spaces)."""
-    verbalizer = Verbalizer.from_spec(spec.verbalizer) if spec.verbalizer else None
-
-    def read(path: str) -> list[Example]:
-        labels = verbalizer.labels if verbalizer else None
-        return load_examples(spec.path(path), template.fields, spec.data.columns, spec.data.label, labels)
-
-    train = read(spec.data.train)
-    if verbalizer is None:
-        names = sorted({str(e.label) for e in train})
-        verbalizer = Verbalizer.from_spec({name: [name.replace("_", " ")] for name in names})
-    if spec.data.dev:
-        dev = read(spec.data.dev)
-    else:
-        train, dev = split(train, spec.data.dev_fraction, spec.train.seed)
-    if spec.train.shots:
-        train = few_shot(train, spec.train.shots, spec.train.seed)
-    return verbalizer, train, dev
-
-
-def encode_examples(classifier: Classifier, examples: list[Example]) -> EncodedRows:
-    return classifier.encode([e.fields for e in examples], [str(e.label) for e in examples])
-
-
+# -- batches --------------------------------------------------------------------------------
 def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch of batches: shuffled, then sorted by length within windows of 32 batches so each
     batch holds rows of similar length (little padding), then the batches shuffled again."""
@@ -214,10 +168,6 @@ class Log:
             out.write(json.dumps(entry) + "\n")
 
 
-def _summary(report: dict) -> dict:
-    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "n": report["n"]}
-
-
 def train(
     spec: TaskSpec,
     out: str | Path,
@@ -226,76 +176,62 @@ def train(
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RunInfo:
-    """Train a soft prompt for a classification task and write the run folder `out`."""
+    """Train a soft prompt for the task (classification or generation) and write the run folder `out`."""
     console = console or Console(stderr=True)
     run = Path(out)
     if not resume and ((run / INFO_FILE).exists() or (run / CHECKPOINT).exists()):
         raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
     settings = spec.train
-    template = Template.parse(spec.template)
-    verbalizer, train_examples, dev_examples = load_task_data(spec, template)
     if backbone is None:
         with console.status(f"loading model {spec.model} ..."):
             backbone = Backbone.load(spec.model)
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+    task = make_task(spec, backbone)  # reads and validates all data before anything is written
+    for name, count in (
+        ("train", task.train_rows.encoded.truncated),
+        ("dev", task.dev_rows.encoded.truncated),
+    ):
+        if count:
+            console.print(f"[yellow]{count} {name} rows were cut to fit {settings.max_length} tokens")
 
-    state = TrainState()
-    opt_state = None
+    state, opt_state = TrainState(), None
     if resume:
         vectors, opt_state, state = load_checkpoint(run)
         prompt = SoftPrompt(vectors)
         console.print(f"resuming {run} at step {state.step}")
     else:
-        prompt = init_prompt(spec.init, template.soft_tokens, backbone, verbalizer.all_words(), settings.seed)
+        prompt = init_prompt(
+            str(spec.init), task.template.soft_tokens, backbone, task.init_words, settings.seed
+        )
     prompt = prompt.to(backbone.device)
-    classifier = Classifier(backbone, template, verbalizer, prompt, settings.max_length)
-    train_rows = encode_examples(classifier, train_examples)
-    dev_rows = encode_examples(classifier, dev_examples)
-    val_rows = subset(dev_rows, settings.eval_limit)
-    for name, rows in (("train", train_rows), ("dev", dev_rows)):
-        if rows.encoded.truncated:
-            console.print(
-                f"[yellow]{rows.encoded.truncated} {name} rows were cut to {settings.max_length} tokens"
-            )
+    task.model.lm.prompt = prompt
     run.mkdir(parents=True, exist_ok=True)
     log = Log(run, state.step if resume else None)
     info = RunInfo(
+        kind=task.kind,
         model=spec.model,
         fingerprint=backbone.fingerprint,
         template=spec.template,
-        verbalizer=verbalizer.words,
         columns=spec.data.columns,
-        label_column=spec.data.label,
-        soft_tokens=template.soft_tokens,
+        soft_tokens=task.template.soft_tokens,
         max_length=settings.max_length,
-        init=spec.init,
+        init=str(spec.init),
         training=settings.model_dump(),
+        **task.describe(),
     )
-
     if not resume:
-        zero = Classifier(backbone, template.without_soft(), verbalizer, None, settings.max_length)
-        state.baseline["zero_shot"] = _summary(
-            evaluate(
-                zero,
-                subset(encode_examples(zero, dev_examples), settings.eval_limit),
-                settings.eval_batch_size,
-            )
-        )
-        state.baseline["initial_prompt"] = _summary(evaluate(classifier, val_rows, settings.eval_batch_size))
+        state.baseline = {"zero_shot": task.zero_shot(), "initial_prompt": task.validate()}
         for name, result in state.baseline.items():
             log.add(step=0, split="dev", variant=name, **result)
-            console.print(
-                f"{name.replace('_', ' ')}: dev accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} (n={result['n']})"
-            )
+            console.print(f"{name.replace('_', ' ')}: {_describe(result)}")
         state.best = state.baseline["initial_prompt"][settings.metric]
         prompt.save(run)
 
     optimizer = make_optimizer(prompt, settings)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    steps = total_steps(settings, len(train_rows))
-    lengths = [len(b) + len(a) for b, a in zip(train_rows.encoded.bodies, train_rows.encoded.afters)]
-    stream = micro_batches(lengths, settings, state.micro)
+    steps = total_steps(settings, len(task.train_rows))
+    stream = micro_batches(task.lengths(), settings, state.micro)
     last_eval = state.baseline.get("initial_prompt", {}).get(settings.metric, float("nan"))
     columns = [
         TextColumn("[bold]training"),
@@ -323,7 +259,7 @@ def train(
                 loss_sum = 0.0
                 for _ in range(settings.grad_accum):
                     index = next(stream)
-                    loss = classifier.loss(train_rows, index) / settings.grad_accum
+                    loss = task.loss(index) / settings.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
                     state.micro += 1
@@ -336,7 +272,7 @@ def train(
                 log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
                 progress.update(bar, completed=state.step, loss=loss_sum)
                 if state.step % settings.eval_every == 0 or state.step == steps:
-                    result = _summary(evaluate(classifier, val_rows, settings.eval_batch_size))
+                    result = task.validate()
                     log.add(step=state.step, split="dev", **result)
                     progress.update(bar, dev=result[settings.metric])
                     if result[settings.metric] > state.best:
@@ -357,15 +293,19 @@ def train(
         save_checkpoint(run, prompt, optimizer, state)
         console.print(f"[yellow]interrupted at step {state.step}; continue with --resume")
         raise
+    return _finish(run, info, task, state, log, stopped_early, console)
 
-    return _finish(run, info, classifier, dev_rows, state, log, settings, stopped_early, console)
+
+def _describe(result: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
 
 
-def _finish(run, info, classifier, dev_rows, state, log, settings, stopped_early, console) -> RunInfo:
-    """Reload the best prompt, score it on the whole dev set, write figures and task.json."""
-    best = SoftPrompt.load(run).to(classifier.backbone.device)
-    classifier.lm.prompt = best
-    report = evaluate(classifier, dev_rows, settings.eval_batch_size)
+def _finish(
+    run: Path, info: RunInfo, task, state: TrainState, log: Log, stopped_early: bool, console: Console
+) -> RunInfo:
+    """Reload the best prompt, score it on the dev set, write figures and task.json."""
+    task.model.lm.prompt = SoftPrompt.load(run).to(task.model.backbone.device)
+    report = task.final(run)
     info.metrics = {
         **state.baseline,
         "dev": report,
@@ -374,14 +314,10 @@ def _finish(run, info, classifier, dev_rows, state, log, settings, stopped_early
         "stopped_early": stopped_early,
         "train_seconds": round(state.train_seconds, 2),
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
-        "truncated_dev_rows": dev_rows.encoded.truncated,
+        "truncated_dev_rows": task.dev_rows.encoded.truncated,
     }
     info.write(run)
-    plots.learning_curve(log.history, settings.metric, run / "learning_curve.png")
-    plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
+    plots.learning_curve(log.history, task.spec.train.metric, run / "learning_curve.png")
     shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
-    console.print(
-        f"best prompt from step {state.best_step}: dev accuracy {report['accuracy']:.3f}, "
-        f"macro-F1 {report['macro_f1']:.3f} (n={report['n']}); saved to {run}"
-    )
+    console.print(f"best prompt from step {state.best_step}: {_describe(_summary(report))}; saved to {run}")
     return info
