@@ -18,6 +18,7 @@ from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
 from .generate import DecodeConfig, Generator
 from .metrics import classification_report
+from .peft_interop import export_peft, import_peft
 from .prompt import InitError
 from .task import GenerationSpec, TaskError, load_task
 from .tasks import score_generations, write_predictions
@@ -293,6 +294,45 @@ def inspect(
         )
     Console().print(table)
     console.print(f"(vocabulary embeddings have mean norm {vocab_norm:.2f})")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    peft: Annotated[Path, typer.Option(help="folder to write the PEFT adapter to")],
+    model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
+) -> None:
+    """Write the run's prompt as a PEFT prompt-tuning adapter (PeftModel.from_pretrained loads it)."""
+    try:
+        folder = export_peft(run, peft, _backbone(run, model))
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"PEFT adapter written to {folder}")
+
+
+@app.command("import-peft")
+def import_peft_cmd(
+    adapter: Annotated[Path, typer.Argument(help="PEFT prompt-tuning adapter folder")],
+    out: Annotated[Path, typer.Option(help="run folder to create")],
+    task: Annotated[
+        Optional[Path], typer.Option(help="task file giving the template (and verbalizer)")
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="base model (default: the task's, else 'default')")
+    ] = None,
+) -> None:
+    """Turn a PEFT prompt-tuning adapter into a run to evaluate, predict with or train further (init from:RUN)."""
+    try:
+        spec = load_task(task) if task else None
+        spec_model = model or (spec.model if spec else "default")
+        with console.status(f"loading model {spec_model} ..."):
+            backbone = Backbone.load(spec_model)
+        info = import_peft(adapter, out, backbone, spec)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(
+        f"imported {info.soft_tokens} virtual tokens into {out} ({info.kind}, template {info.template!r})"
+    )
 
 
 @app.command("model")

@@ -1,0 +1,141 @@
+"""Moving prompts between softprompt and Hugging Face PEFT.
+
+PEFT's prompt tuning always puts its virtual tokens before the whole input, so only templates whose
+soft tokens form one group at the very start (`{soft:N} ...`) can be exported. The rest of the
+template is plain text the PEFT user formats their input with; we save it beside the adapter
+(`softprompt_task.json`, which PEFT ignores) so an import can restore it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .artifact import INFO_FILE, ArtifactError, RunInfo, check_model
+from .backbone import Backbone, resolve
+from .prompt import SoftPrompt
+from .task import TaskSpec
+from .template import Template
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SIDECAR = "softprompt_task.json"
+
+
+def _template(info: RunInfo) -> Template:
+    return Template.parse(info.template, slot="target" if info.kind == "generation" else "label")
+
+
+def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path:
+    """Write a PEFT prompt-tuning adapter (config + `prompt_embeddings`) for a run."""
+    info = RunInfo.read(run)
+    check_model(info, backbone, run)
+    template = _template(info)
+    soft = [i for i, s in enumerate(template.segments) if s.kind == "soft"]
+    if soft != [0]:
+        raise ArtifactError(
+            f"{run}: template {info.template!r} cannot be expressed in PEFT, which always puts its virtual "
+            "tokens before the whole input: export needs one {soft:N} group at the very start"
+        )
+    prompt = SoftPrompt.load(run)
+    config = backbone.model.config.get_text_config()
+    source = resolve(info.model)
+    adapter = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": prompt.length,
+        "token_dim": prompt.vectors.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": config.num_attention_heads,
+        "num_layers": config.num_hidden_layers,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "base_model_name_or_path": source.path,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "modules_to_save": None,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2))
+    save_file(
+        {"prompt_embeddings": prompt.vectors.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS)
+    )
+    shutil.copyfile(Path(run) / INFO_FILE, folder / SIDECAR)
+    return folder
+
+
+def import_peft(
+    folder: str | Path, out: str | Path, backbone: Backbone, spec: TaskSpec | None = None
+) -> RunInfo:
+    """Turn a PEFT prompt-tuning adapter into a softprompt run folder on `backbone`.
+
+    The template (and verbalizer or generation settings) come from `spec` when given, else from the
+    sidecar an export left; PEFT itself records none."""
+    folder, out = Path(folder), Path(out)
+    try:
+        adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+        vectors = load_file(str(folder / ADAPTER_WEIGHTS))["prompt_embeddings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ArtifactError(f"{folder}: not a PEFT prompt-tuning adapter ({err})") from err
+    if adapter.get("peft_type") != "PROMPT_TUNING" or adapter.get("num_transformer_submodules", 1) != 1:
+        raise ArtifactError(
+            f"{folder}: peft_type {adapter.get('peft_type')!r} is not a plain prompt-tuning adapter"
+        )
+    if vectors.shape[1] != backbone.hidden_size:
+        raise ArtifactError(
+            f"{folder}: prompt width {vectors.shape[1]} does not match the model's hidden size {backbone.hidden_size}"
+        )
+    info = _info_for_import(folder, backbone, spec, vectors.shape[0])
+    out.mkdir(parents=True, exist_ok=True)
+    SoftPrompt(vectors.to(torch.float32)).save(out)
+    info.write(out)
+    return info
+
+
+def _info_for_import(folder: Path, backbone: Backbone, spec: TaskSpec | None, length: int) -> RunInfo:
+    if spec is not None:
+        generation = spec.kind == "generation"
+        info = RunInfo(
+            kind=spec.kind,
+            model=backbone.spec,
+            fingerprint=backbone.fingerprint,
+            template=spec.template,
+            verbalizer=None if generation else _verbalizer_words(spec),
+            label_column=spec.data.label,
+            generation=spec.generation.model_dump() if generation else None,
+            target_column=spec.data.target,
+            tests_column=spec.data.tests,
+            columns=spec.data.columns,
+            soft_tokens=length,
+            max_length=spec.train.max_length,
+            init=f"peft:{folder}",
+            training=spec.train.model_dump(),
+        )
+    elif (folder / SIDECAR).is_file():
+        info = RunInfo.model_validate_json((folder / SIDECAR).read_text())
+        info.model, info.fingerprint = backbone.spec, backbone.fingerprint
+        info.init, info.metrics = f"peft:{folder}", {}
+    else:
+        raise ArtifactError(f"{folder}: PEFT records no template; give one with --task TASK.yaml")
+    soft = _template(info).soft_tokens
+    if soft != length:
+        raise ArtifactError(
+            f"{folder}: the adapter has {length} virtual tokens but the template {info.template!r} has {soft}"
+        )
+    return info
+
+
+def _verbalizer_words(spec: TaskSpec) -> dict[str, list[str]]:
+    from .verbalizer import Verbalizer
+
+    if not spec.verbalizer:
+        raise ArtifactError("importing a classification prompt needs a verbalizer in the task file")
+    return Verbalizer.from_spec(spec.verbalizer).words
