@@ -1,0 +1,73 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from softprompt.cli import app
+from softprompt.codecheck import node_available
+
+runner = CliRunner()
+PAIRS = [
+    ("def add(a, b): return a + b", "function add(a, b) { return a + b; }"),
+    ("def sub(a, b): return a - b", "function sub(a, b) { return a - b; }"),
+    ("def neg(a): return -a", "function neg(a) { return -a; }"),
+    ("def one(): return 1", "function one() { return 1; }"),
+]
+TESTS = {
+    "add": "const assert = require('node:assert');\nassert.deepStrictEqual(add(2, 3), 5);\n",
+    "sub": "const assert = require('node:assert');\nassert.deepStrictEqual(sub(2, 3), -1);\n",
+    "neg": "const assert = require('node:assert');\nassert.deepStrictEqual(neg(2), -2);\n",
+    "one": "const assert = require('node:assert');\nassert.deepStrictEqual(one(), 1);\n",
+}
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("gen")
+    rows = [{"code": p, "js": j, "tests": TESTS[p.split()[1].split("(")[0]]} for p, j in PAIRS]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = folder / "task.yaml"
+    task.write_text(
+        f"model: {tiny_model_dir}\n"
+        "template: '{soft:4} Python: {code} JavaScript: {target}'\n"
+        "data: {train: train.jsonl, dev: dev.jsonl, target: js, tests: tests}\n"
+        "generation: {metrics: [chrf, bleu, parse_rate, pass_rate], language: javascript, max_new_tokens: 12}\n"
+        "train: {steps: 4, batch_size: 4, lr: 0.3, eval_every: 2, eval_limit: 3}\n"
+    )
+    result = runner.invoke(app, ["train", str(task), "--out", str(folder / "run")])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_generation_run_records_the_task_metric_and_dev_predictions(gen_run):
+    info = json.loads((gen_run / "run" / "task.json").read_text())
+    assert info["kind"] == "generation"
+    assert info["training"]["metric"] == "chrf"
+    assert {"chrf", "bleu", "n"} <= set(info["metrics"]["zero_shot"])
+    assert info["metrics"]["dev"]["n"] == 3
+    rows = [json.loads(x) for x in (gen_run / "run" / "dev_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {"prediction", "reference"} <= set(rows[0])
+
+
+@pytest.mark.skipif(not node_available(), reason="node not installed")
+def test_eval_scores_execution_and_writes_per_row_predictions(gen_run):
+    out = gen_run / "preds.jsonl"
+    result = runner.invoke(
+        app, ["eval", str(gen_run / "run"), "--data", str(gen_run / "dev.jsonl"), "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n"] == 4 and 0 <= report["pass_rate"] <= 100 and "parse_rate" in report
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all("passed" in r and "parses" in r for r in rows)
+
+
+def test_predict_generates_for_a_file(gen_run):
+    out = gen_run / "answers.jsonl"
+    result = runner.invoke(
+        app, ["predict", str(gen_run / "run"), "--input", str(gen_run / "dev.jsonl"), "--out", str(out), "--num-beams", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
