@@ -88,6 +88,11 @@ class TaskSpec(BaseModel):
     template: str
     verbalizer: dict[str, list[str] | str] | list[str] | None = None  # None: labels found in the data
     data: DataSpec
+    constants: dict[str, str] = Field(
+        default_factory=dict,
+        description="template field -> text file whose content fills it in every row (e.g. a policy "
+        "document); constant text before the first input field joins the cached shared prefix",
+    )
     init: str | None = Field(None, description="default: labels (classification), vocab (generation)")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -97,6 +102,20 @@ class TaskSpec(BaseModel):
     def kind(self) -> str:
         """classification when the template has {label}, generation when it has {target}."""
         return "generation" if "{target}" in self.template.replace(" ", "") else "classification"
+
+    @model_validator(mode="after")
+    def _inline_constants(self) -> TaskSpec:
+        """Write each constant file's text into the template, so the run folder is self-contained."""
+        for name, file in self.constants.items():
+            path = self.path(file)
+            if not path.is_file():
+                raise ValueError(f"constants.{name}: file not found: {path}")
+            text = path.read_text(encoding="utf-8").strip().replace("{", "{{").replace("}", "}}")
+            if "{" + name + "}" not in self.template:
+                raise ValueError(f"constants.{name}: the template has no {{{name}}} field")
+            self.template = self.template.replace("{" + name + "}", text)
+        self.constants = {}
+        return self
 
     @model_validator(mode="after")
     def _defaults_by_kind(self) -> TaskSpec:

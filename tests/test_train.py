@@ -115,3 +115,17 @@ def test_without_a_verbalizer_the_labels_in_the_data_speak_for_themselves(
     task.write_text(text)
     info = train(load_task(task), tmp_path / "run", backbone=tiny_backbone, console=quiet())
     assert info.verbalizer == {"negative": ["negative"], "positive": ["positive"]}
+
+
+def test_constant_files_fill_a_field_and_join_the_shared_prefix(tmp_path, tiny_model_dir, tiny_backbone):
+    from softprompt.tasks import make_task
+
+    (tmp_path / "policy.md").write_text("Refunds within {7} days.")
+    task = write_task(tmp_path, tiny_model_dir, steps=1)
+    text = task.read_text().replace("'{soft:4} Review: {text}", "'{soft:4} Policy: {policy} Review: {text}")
+    task.write_text(text + "constants: {policy: policy.md}\n")
+    spec = load_task(task)
+    assert "Refunds within {{7}} days." in spec.template
+    rows = make_task(spec, tiny_backbone).train_rows.encoded
+    shared = tiny_backbone.tokenizer.decode([t for t in rows.prefix if t >= 0])
+    assert "Refunds within {7} days." in shared
