@@ -33,7 +33,7 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(
-        0.1, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
+        0.03, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
     )
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
