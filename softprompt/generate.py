@@ -86,16 +86,22 @@ class Generator:
         return -self.backbone.token_log_probs(hidden, labels).mean()
 
     # -- decoding -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(
         self, rows: GenRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None
     ) -> list[str]:
         """Decoded answers, in row order."""
         config = config or DecodeConfig()
+        return [self._text(t, config.stop) for t in self.generate_tokens(rows, config, batch_size, progress)]
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self, rows: GenRows, config: DecodeConfig, batch_size: int = 8, progress=None
+    ) -> list[list[int]]:
+        """Generated token ids (end marker included when emitted), in row order."""
         prefix = self.lm.run_prefix(rows.encoded.prefix)
         generator = torch.Generator().manual_seed(config.seed)
         order = sorted(range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]))
-        answers: list[str] = [""] * len(rows)
+        answers: list[list[int]] = [[] for _ in range(len(rows))]
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             bodies = [rows.encoded.bodies[i] for i in index]
@@ -104,7 +110,7 @@ class Generator:
             else:
                 outputs = self._sample(prefix, bodies, config, generator)
             for i, tokens in zip(index, outputs):
-                answers[i] = self._text(tokens, config.stop)
+                answers[i] = tokens
             if progress is not None:
                 progress(len(index))
         return answers
@@ -145,21 +151,29 @@ class Generator:
     def _sample(
         self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
     ) -> list[list[int]]:
+        """Greedy or sampled decoding. Finished rows leave the batch (and the cache), so the
+        remaining rows do not pay for them."""
         out, hidden, mask, positions = self._start(prefix, bodies)
         generated: list[list[int]] = [[] for _ in bodies]
-        done = [False] * len(bodies)
+        active = list(range(len(bodies)))  # original row of each batch position
         for _ in range(config.max_new_tokens):
             logits = self.backbone.logits(hidden).cpu()
             if config.do_sample:
                 tokens = _sample_top_p(logits, config.temperature, config.top_p, generator)
             else:
                 tokens = logits.argmax(-1)
-            for r, token in enumerate(tokens.tolist()):
-                if not done[r]:
-                    generated[r].append(token)
-                    done[r] = self._stopped(generated[r], config.stop)
-            if all(done):
+            keep = []
+            for position, (row, token) in enumerate(zip(active, tokens.tolist())):
+                generated[row].append(token)
+                if not self._stopped(generated[row], config.stop):
+                    keep.append(position)
+            if not keep:
                 break
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                out.cache.batch_select_indices(index.to(self.backbone.device))
+                tokens, mask, positions = tokens[index], mask[index], positions[index]
+                active = [active[i] for i in keep]
             hidden, mask = self._step(out, tokens, mask, positions)
             positions = positions + 1
         return generated

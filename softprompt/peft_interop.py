@@ -41,9 +41,14 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
             f"{run}: template {info.template!r} cannot be expressed in PEFT, which always puts its virtual "
             "tokens before the whole input: export needs one {soft:N} group at the very start"
         )
-    prompt = SoftPrompt.load(run)
+    write_adapter(folder, SoftPrompt.load(run), backbone, resolve(info.model).path)
+    shutil.copyfile(Path(run) / INFO_FILE, Path(folder) / SIDECAR)
+    return Path(folder)
+
+
+def write_adapter(folder: str | Path, prompt: SoftPrompt, backbone: Backbone, base_model: str) -> None:
+    """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes them."""
     config = backbone.model.config.get_text_config()
-    source = resolve(info.model)
     adapter = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
@@ -56,7 +61,7 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": None,
         "tokenizer_kwargs": None,
-        "base_model_name_or_path": source.path,
+        "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
         "auto_mapping": None,
@@ -68,8 +73,6 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
     save_file(
         {"prompt_embeddings": prompt.vectors.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS)
     )
-    shutil.copyfile(Path(run) / INFO_FILE, folder / SIDECAR)
-    return folder
 
 
 def import_peft(

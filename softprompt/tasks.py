@@ -19,7 +19,7 @@ from .data import DataError, Example, few_shot, load_examples, split
 from .generate import DecodeConfig, Generator, GenRows
 from .metrics import classification_report, generation_scores
 from .prompt import SoftPrompt
-from .task import GenerationSpec, TaskSpec
+from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskSpec
 from .template import Encoded, Template
 from .verbalizer import Verbalizer
 
@@ -100,7 +100,7 @@ class ClassificationTask:
         return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
 
     def validate(self) -> dict:
-        return _summary(self.report(self.val_rows))
+        return summarize(self.report(self.val_rows))
 
     def zero_shot(self) -> dict:
         plain = Classifier(
@@ -111,7 +111,7 @@ class ClassificationTask:
             self.spec.train.max_length,
         )
         rows = plain.encode([e.fields for e in self.dev_examples], [str(e.label) for e in self.dev_examples])
-        return _summary(self.report(self._limit(rows, self.spec.train.eval_limit), plain))
+        return summarize(self.report(self._limit(rows, self.spec.train.eval_limit), plain))
 
     def final(self, run: Path) -> dict:
         """Full report on the whole dev set, with the confusion-matrix figure."""
@@ -123,18 +123,9 @@ class ClassificationTask:
         return {"verbalizer": self.verbalizer.words, "label_column": self.spec.data.label}
 
 
-def _summary(report: dict) -> dict:
-    keep = (
-        "n",
-        "accuracy",
-        "macro_f1",
-        *(
-            k
-            for k in report
-            if k in ("bleu", "chrf", "rouge_l", "exact_match", "f1", "parse_rate", "pass_rate")
-        ),
-    )
-    return {k: report[k] for k in dict.fromkeys(keep) if k in report}
+def summarize(report: dict) -> dict:
+    """The headline numbers of a report (what metrics.jsonl and the console show)."""
+    return {k: report[k] for k in ("n", *CLASSIFICATION_METRICS, *GENERATION_METRICS) if k in report}
 
 
 class GenerationTask:
@@ -166,7 +157,7 @@ class GenerationTask:
         return score_generations(predictions, self.dev_examples, self.spec.generation, self.spec.data.tests)
 
     def validate(self) -> dict:
-        return _summary(self.report())
+        return summarize(self.report())
 
     def zero_shot(self) -> dict:
         gen = self.spec.generation
@@ -177,7 +168,7 @@ class GenerationTask:
             self.spec.train.max_length,
             gen.max_target_length,
         )
-        return _summary(self.report(plain, plain.encode([e.fields for e in self.dev_examples])))
+        return summarize(self.report(plain, plain.encode([e.fields for e in self.dev_examples])))
 
     def final(self, run: Path) -> dict:
         report = self.report()

@@ -28,7 +28,7 @@ from .artifact import INFO_FILE, RunInfo
 from .backbone import Backbone
 from .prompt import SoftPrompt, init_prompt
 from .task import TaskError, TaskSpec, TrainSettings
-from .tasks import _summary, make_task
+from .tasks import make_task, summarize
 
 CHECKPOINT = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -319,5 +319,5 @@ def _finish(
     info.write(run)
     plots.learning_curve(log.history, task.spec.train.metric, run / "learning_curve.png")
     shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
-    console.print(f"best prompt from step {state.best_step}: {_describe(_summary(report))}; saved to {run}")
+    console.print(f"best prompt from step {state.best_step}: {_describe(summarize(report))}; saved to {run}")
     return info

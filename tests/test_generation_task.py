@@ -66,7 +66,17 @@ def test_eval_scores_execution_and_writes_per_row_predictions(gen_run):
 def test_predict_generates_for_a_file(gen_run):
     out = gen_run / "answers.jsonl"
     result = runner.invoke(
-        app, ["predict", str(gen_run / "run"), "--input", str(gen_run / "dev.jsonl"), "--out", str(out), "--num-beams", "2"]
+        app,
+        [
+            "predict",
+            str(gen_run / "run"),
+            "--input",
+            str(gen_run / "dev.jsonl"),
+            "--out",
+            str(out),
+            "--num-beams",
+            "2",
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
