@@ -52,7 +52,7 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
         dev = load_examples(data / "dev.jsonl", ["text"])[:eval_n]
         started = time.perf_counter()
         rows = classifier.encode([e.fields for e in dev], [str(e.label) for e in dev])
-        predicted = classifier.predict_proba(rows, batch_size=32).argmax(-1).tolist()
+        predicted = classifier.predict_proba(rows, batch_size=16).argmax(-1).tolist()
         eval_s = time.perf_counter() - started
         report = classification_report(rows.labels.tolist(), predicted, classifier.labels)
     return {

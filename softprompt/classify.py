@@ -103,7 +103,7 @@ class Classifier:
             yield order[start : start + batch_size]
 
     @torch.inference_mode()
-    def predict_proba(self, rows: EncodedRows, batch_size: int = 32, progress=None) -> torch.Tensor:
+    def predict_proba(self, rows: EncodedRows, batch_size: int = 16, progress=None) -> torch.Tensor:
         """[N, L] label probabilities, in row order."""
         prefix = self.prefix(rows.encoded)
         probs = torch.zeros(len(rows), len(self.labels))

@@ -136,7 +136,7 @@ def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="run folder")],
     data: Annotated[Path, typer.Option(help="labelled rows (.jsonl, .csv, .tsv)")],
     model: Annotated[Optional[str], typer.Option(help="override the run's model")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[int, typer.Option()] = 16,
     limit: Annotated[Optional[int], typer.Option(help="score only the first N rows")] = None,
     out: Annotated[Optional[Path], typer.Option(help="generation: per-row predictions file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,

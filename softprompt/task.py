@@ -42,7 +42,9 @@ class TrainSettings(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
     eval_every: int = Field(50, ge=1, description="validate every k optimizer steps")
     eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev rows only")
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(
+        16, ge=1, description="rows per evaluation batch (16 measured fastest on 2 CPU cores)"
+    )
     patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
     metric: str | None = Field(
         None,
