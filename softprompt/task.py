@@ -6,7 +6,7 @@ Example::
     template: '{soft:20} Review: {text} Sentiment: {label}'
     verbalizer: {positive: [positive, great], negative: [negative, bad]}
     data: {train: train.jsonl, dev: dev.jsonl, label: label, columns: {text: sentence}}
-    init: labels
+    init: vocab
     train: {steps: 300, lr: 0.1}
 
 Relative data paths are read from the task file's folder.
@@ -95,7 +95,10 @@ class TaskSpec(BaseModel):
         description="template field -> text file whose content fills it in every row (e.g. a policy "
         "document); constant text before the first input field joins the cached shared prefix",
     )
-    init: str | None = Field(None, description="default: labels (classification), vocab (generation)")
+    init: str = Field(
+        "vocab",
+        description='random | vocab | text:"..." | labels | from:RUN (vocab: best on SST-2, see README)',
+    )
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     train: TrainSettings = Field(default_factory=TrainSettings)
     base_dir: str = Field(".", exclude=True)
@@ -122,8 +125,6 @@ class TaskSpec(BaseModel):
     @model_validator(mode="after")
     def _defaults_by_kind(self) -> TaskSpec:
         generation = self.kind == "generation"
-        if self.init is None:
-            self.init = "vocab" if generation else "labels"
         allowed = GENERATION_METRICS if generation else CLASSIFICATION_METRICS
         if self.train.metric is None:
             self.train.metric = self.generation.metrics[0] if generation else "accuracy"
