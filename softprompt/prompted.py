@@ -96,23 +96,49 @@ class PromptedLM:
         self, prefix: Prefix, out: RowsOutput, pairs: list[tuple[int, list[int]]]
     ) -> torch.Tensor:
         """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
-        Consumes `out.cache` (its rows are re-selected to match `pairs`).
 
-        The first token is left out on purpose: callers score it from the slot's hidden state
-        with only the label rows of the output projection."""
-        rows = torch.tensor([r for r, _ in pairs])
-        inputs, in_mask = pad([t[:-1] for _, t in pairs])
-        targets, _ = pad([t[1:] for _, t in pairs])
-        out.cache.batch_select_indices(rows.to(self.backbone.device))  # repeats rows as needed
-        n, width = inputs.shape
-        attention = torch.cat(
-            [torch.ones(n, prefix.length, dtype=torch.long), out.mask[rows], in_mask], dim=1
+        All continuations of a row are packed into one sequence after that row's cache, with an
+        attention mask that lets each continuation see the row and its own earlier tokens only
+        (and position ids that restart where the row ends). So the row's keys/values are never
+        copied per continuation: with 77 labels that copy, not the arithmetic, was the cost.
+        Consumes `out.cache`. The first token of each continuation is left out on purpose:
+        callers score it from the slot's hidden state with only the label rows of the output
+        projection."""
+        batch, width = out.mask.shape
+        inputs: list[list[int]] = [[] for _ in range(batch)]
+        targets: list[list[int]] = [[] for _ in range(batch)]
+        owner: list[list[int]] = [[] for _ in range(batch)]  # pair index of each packed token
+        offset: list[list[int]] = [[] for _ in range(batch)]  # position within its continuation
+        for index, (row, tokens) in enumerate(pairs):
+            inputs[row] += tokens[:-1]
+            targets[row] += tokens[1:]
+            owner[row] += [index] * (len(tokens) - 1)
+            offset[row] += list(range(len(tokens) - 1))
+        ids, real = pad(inputs)
+        target_ids, _ = pad(targets)
+        owners, _ = pad(owner, value=-1)
+        offsets, _ = pad(offset)
+        packed = ids.shape[1]
+        # allowed[b, q, k] over keys = prefix | row tokens | packed continuations
+        same = (owners.unsqueeze(2) == owners.unsqueeze(1)) & (offsets.unsqueeze(2) >= offsets.unsqueeze(1))
+        same &= real.bool().unsqueeze(2) & real.bool().unsqueeze(1)
+        same |= torch.eye(packed, dtype=torch.bool).unsqueeze(0)  # padded queries see themselves
+        allowed = torch.cat(
+            [
+                torch.ones(batch, packed, prefix.length, dtype=torch.bool),
+                out.mask.bool().unsqueeze(1).expand(batch, packed, width),
+                same,
+            ],
+            dim=2,
         )
-        positions = prefix.length + out.lengths[rows].unsqueeze(1) + torch.arange(width)
-        hidden, _ = self.backbone.run(self.splice(inputs), attention, positions, out.cache)
-        real = in_mask.reshape(-1).bool().to(hidden.device)
+        mask = torch.zeros(allowed.shape, dtype=self.backbone.dtype).masked_fill(
+            ~allowed, torch.finfo(self.backbone.dtype).min
+        )
+        positions = prefix.length + out.lengths.unsqueeze(1) + offsets
+        hidden, _ = self.backbone.run(self.splice(ids), mask.unsqueeze(1), positions, out.cache)
+        flat = real.reshape(-1).bool().to(hidden.device)
         logp = self.backbone.token_log_probs(
-            hidden.reshape(n * width, -1)[real], targets.reshape(-1).to(hidden.device)[real]
+            hidden.reshape(batch * packed, -1)[flat], target_ids.reshape(-1).to(hidden.device)[flat]
         )
-        per_token = torch.zeros(n * width, device=logp.device).masked_scatter(real, logp)
-        return per_token.view(n, width).sum(1)
+        sums = torch.zeros(len(pairs), device=logp.device)
+        return sums.index_add(0, owners.reshape(-1)[flat.cpu()].to(logp.device), logp)
