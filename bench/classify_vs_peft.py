@@ -23,7 +23,9 @@ TEMPLATE = "{soft:20} Review: {text} Sentiment: {label}"
 VERBALIZER = {"negative": ["negative"], "positive": ["positive"]}
 
 
-def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: str | None) -> dict:
+def run_softprompt(
+    data: Path, steps: int, eval_n: int, lr: float | None, init: str | None, seed: int
+) -> dict:
     from rich.console import Console
 
     from softprompt import Backbone, Classifier, TaskSpec, load_classifier
@@ -35,7 +37,7 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
     backbone = Backbone.load("default")
     load_s = time.perf_counter() - start
     # Validation (which picks the kept prompt) uses a 10% split of train, never the dev rows we report.
-    settings = {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_limit": 200}
+    settings = {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_limit": 200, "seed": seed}
     if lr is not None:
         settings["lr"] = lr
     spec = TaskSpec.model_validate(
@@ -78,13 +80,13 @@ def run_softprompt(data: Path, steps: int, eval_n: int, lr: float | None, init: 
 
 def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--data", str(args.data)]
-    command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n)]
+    command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
     if side == "softprompt":
         command += [f"--lr={args.lr}"] if args.lr is not None else []
         command += [f"--init={args.init}"] if args.init else []
     if side == "peft":
         command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
-        command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n)]
+        command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -98,11 +100,12 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None, help="softprompt's learning rate (default: ours)")
     parser.add_argument("--init", default=None, help="softprompt's init (default: ours)")
+    parser.add_argument("--seed", type=int, default=0, help="data order (and init) seed for both sides")
     parser.add_argument("--side", choices=["softprompt", "peft"], help="run one side here (internal)")
     parser.add_argument("--only", choices=["softprompt", "peft"], help="run just one side")
     args = parser.parse_args()
     if args.side == "softprompt":
-        print(json.dumps(run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init)))
+        print(json.dumps(run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init, args.seed)))
         return
     sides = [args.only] if args.only else ["softprompt", "peft"]
     results = {side: side_in_subprocess(side, args) for side in sides}

@@ -68,6 +68,10 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="early-stopping patience, in validations")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per row")] = None,
+    length_bucketing: Annotated[
+        Optional[bool],
+        typer.Option("--length-bucketing/--no-length-bucketing", help="batch rows of similar length"),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
 ) -> None:
     """Train a soft prompt on a frozen model (zero-shot first, then validation as it goes)."""
@@ -89,6 +93,7 @@ def train(
         patience=patience,
         seed=seed,
         max_length=max_length,
+        length_bucketing=length_bucketing,
     )
     if epochs is not None and steps is None:
         overrides["steps"] = 0  # epochs decide; 0 is read as unset below

@@ -52,6 +52,7 @@ class TrainSettings(BaseModel):
         "default accuracy); bleu | chrf | rouge_l | exact_match | f1 | parse_rate | pass_rate (generation)",
     )
     shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
+    length_bucketing: bool = Field(True, description="batch rows of similar length (less padding, faster)")
     seed: int = 0
     max_length: int = Field(256, ge=8, description="tokens per row; input fields are cut to fit")
 

@@ -35,13 +35,15 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # -- batches --------------------------------------------------------------------------------
-def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch of batches: shuffled, then sorted by length within windows of 32 batches so each
-    batch holds rows of similar length (little padding), then the batches shuffled again."""
+def batch_plan(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
+) -> list[list[int]]:
+    """One epoch of batches: shuffled, then (with `bucket`) sorted by length within windows of 32
+    batches so each batch holds rows of similar length (little padding), then the batches shuffled again."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * 32
+    window = batch_size * 32 if bucket else batch_size
     batches = []
     for start in range(0, len(order), window):
         part = sorted(order[start : start + window], key=lambda i: lengths[i])
@@ -54,7 +56,9 @@ def micro_batches(lengths: list[int], settings: TrainSettings, skip: int):
     """Endless stream of micro-batches across epochs, skipping the first `skip` (for resume)."""
     epoch, seen = 0, 0
     while True:
-        for batch in batch_plan(lengths, settings.batch_size, settings.seed, epoch):
+        for batch in batch_plan(
+            lengths, settings.batch_size, settings.seed, epoch, settings.length_bucketing
+        ):
             if seen >= skip:
                 yield batch
             seen += 1
