@@ -182,6 +182,17 @@ class Backbone:
         """Input embeddings of token ids (with any scaling the model applies, e.g. Gemma's)."""
         return self.model.get_input_embeddings()(ids.to(self.device))
 
+    @property
+    def bos_ids(self) -> list[int]:
+        """The BOS token a sequence starts with, for tokenizers that add one (SmolLM2's does not)."""
+        tok = self.tokenizer
+        if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+            return [tok.bos_token_id]
+        return []
+
+    def tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

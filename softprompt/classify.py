@@ -59,17 +59,10 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.verbalizer.labels
 
-    def _tokenize_many(self, texts: list[str]) -> list[list[int]]:
-        return self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
     def encode(self, rows: list[dict[str, str]], labels: list[str] | None = None) -> EncodedRows:
-        tok = self.backbone.tokenizer
-        bos = (
-            [tok.bos_token_id]
-            if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None
-            else []
+        encoded = self.template.encode(
+            rows, self.backbone.tokenize_many, self.max_length, self.backbone.bos_ids
         )
-        encoded = self.template.encode(rows, self._tokenize_many, self.max_length, bos)
         index = {label: i for i, label in enumerate(self.labels)}
         targets = torch.tensor([index[y] for y in labels]) if labels is not None else None
         return EncodedRows(encoded, targets)

@@ -59,9 +59,9 @@ class Generator:
         self.eos_id = backbone.tokenizer.eos_token_id
 
     def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:
-        tokenize = lambda texts: self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        tokenize = self.backbone.tokenize_many
         budget = self.max_length - (self.max_target_length if targets is not None else 0)
-        encoded = self.template.encode(rows, tokenize, budget)
+        encoded = self.template.encode(rows, tokenize, budget, self.backbone.bos_ids)
         target_ids = None
         if targets is not None:
             lead = self.template.slot_lead
