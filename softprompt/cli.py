@@ -95,12 +95,10 @@ def train(
         max_length=max_length,
         length_bucketing=length_bucketing,
     )
-    if epochs is not None and steps is None:
-        overrides["steps"] = 0  # epochs decide; 0 is read as unset below
     try:
         spec = load_task(task, overrides)
-        if spec.train.steps == 0:
-            spec.train.steps = None
+        if epochs is not None and steps is None:
+            spec.train.steps = None  # --epochs on the command line beats steps from the task file
         run_training(spec, out, resume=resume, console=console)
     except USER_ERRORS as err:
         _fail(err)

@@ -79,3 +79,13 @@ def test_missing_run_folder_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["predict", str(tmp_path / "nope"), "hello"])
     assert result.exit_code == 2
     assert "not a run folder" in result.output
+
+
+def test_epochs_flag_replaces_the_task_files_steps(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path, tiny_model_dir, steps=50)
+    result = runner.invoke(
+        app, ["train", str(task), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "10"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "run" / "task.json").read_text())
+    assert info["metrics"]["steps"] == 2  # 20 training rows / batch 10
