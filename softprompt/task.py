@@ -182,5 +182,9 @@ def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
     try:
         return TaskSpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            (f"field {'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
+            for e in err.errors()
+        )
         raise TaskError(f"{path}: {problems}") from err
