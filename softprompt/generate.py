@@ -116,17 +116,20 @@ class Generator:
         return answers
 
     def _text(self, tokens: list[int], stop: list[str]) -> str:
-        text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True)
+        """The answer: decoded, leading whitespace dropped, cut at the first stop string."""
+        text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
         for marker in stop:
             if marker in text:
                 text = text[: text.index(marker)]
         return text.strip()
 
     def _stopped(self, tokens: list[int], stop: list[str]) -> bool:
+        """End marker emitted, or a stop string after the answer has begun (a model that opens
+        with a newline is not stopped by a newline stop string)."""
         if tokens and tokens[-1] == self.eos_id:
             return True
         if stop:
-            text = self.backbone.tokenizer.decode(tokens[-16:], skip_special_tokens=True)
+            text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
             return any(marker in text for marker in stop)
         return False
 

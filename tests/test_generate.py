@@ -98,3 +98,11 @@ def test_loss_counts_only_target_tokens_and_trains_the_prompt(tiny_backbone):
 def test_generation_templates_must_end_with_the_target(tiny_backbone):
     with pytest.raises(TemplateError, match="nothing but text may follow"):
         Template.parse("{soft:2} {target} Code: {input}", slot="target")
+
+
+def test_a_leading_newline_does_not_trigger_a_newline_stop_string(tiny_backbone):
+    gen = make(tiny_backbone)
+    tokens = tiny_backbone.tokenize("\ncode\nmore")
+    assert gen._text(tokens, ["\n"]) == "code"
+    assert not gen._stopped(tiny_backbone.tokenize("\n"), ["\n"])
+    assert gen._stopped(tokens, ["\n"])
