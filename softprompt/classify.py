@@ -84,14 +84,11 @@ class Classifier:
             choice_scores = flat.view(batch, -1)
         return self.choices.label_scores(choice_scores)
 
-    def batches(
-        self, rows: EncodedRows, batch_size: int, order: list[int] | None = None
-    ) -> Iterator[list[int]]:
-        """Index batches; by default sorted by length so little compute goes to padding."""
-        if order is None:
-            order = sorted(
-                range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]) + len(rows.encoded.afters[i])
-            )
+    def batches(self, rows: EncodedRows, batch_size: int) -> Iterator[list[int]]:
+        """Index batches sorted by length, so little compute goes to padding."""
+        order = sorted(
+            range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]) + len(rows.encoded.afters[i])
+        )
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
 
