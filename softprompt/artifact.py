@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from .backbone import Backbone
 from .classify import Classifier
+from .data import DataError
 from .generate import Generator
 from .prompt import SoftPrompt
 from .template import Template
@@ -57,6 +58,24 @@ class RunInfo(BaseModel):
             return cls.model_validate_json(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise ArtifactError(f"{path}: not a valid run description ({err})") from err
+
+    def remap(self, pairs: list[str] | None, fields: list[str]) -> None:
+        """Apply FIELD=COLUMN overrides to the column names, for a file whose columns are named
+        unlike the training data's (e.g. py2js/exec.jsonl's `python`). FIELD is a template field
+        or one of target, label, tests."""
+        for pair in pairs or []:
+            name, sep, column = (part.strip() for part in pair.partition("="))
+            if not sep or not name or not column:
+                raise DataError(f"--column {pair!r}: expected FIELD=COLUMN")
+            if name in ("target", "label", "tests"):
+                setattr(self, f"{name}_column", column)
+            elif name in fields:
+                self.columns = {**self.columns, name: column}
+            else:
+                raise DataError(
+                    f"--column {pair!r}: {name!r} is not a template field ({', '.join(fields)}) "
+                    "nor target, label or tests"
+                )
 
     def write(self, run: str | Path) -> None:
         write_atomic(Path(run) / INFO_FILE, self.model_dump_json(indent=2))

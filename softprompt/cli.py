@@ -132,6 +132,14 @@ Sample = Annotated[bool, typer.Option("--sample", help="generation: sample inste
 Temperature = Annotated[float, typer.Option(help="generation: sampling temperature")]
 TopP = Annotated[float, typer.Option(help="generation: nucleus sampling mass")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="generation: stop string (repeatable)")]
+ColumnMap = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--column",
+        help="FIELD=COLUMN: read a template field (or target, label, tests) from another column "
+        "of this file (repeatable)",
+    ),
+]
 
 
 @app.command("eval")
@@ -145,12 +153,14 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     max_new_tokens: MaxNewTokens = None,
     num_beams: NumBeams = None,
+    column: ColumnMap = None,
 ) -> None:
     """Score a run on labelled data: accuracy, macro-F1, per-class P/R/F1 and confusion matrix for
     classification; the task's metrics and per-row predictions for generation."""
     try:
         task_model, info = load_run(run, _backbone(run, model))
         fields = task_model.template.fields
+        info.remap(column, fields)
         if isinstance(task_model, Generator):
             keep = [info.tests_column] if info.tests_column else None
             examples = load_examples(data, fields, info.columns, info.target_column, keep=keep)[:limit]
@@ -217,6 +227,7 @@ def predict(
     temperature: Temperature = 1.0,
     top_p: TopP = 1.0,
     stop: Stop = None,
+    column: ColumnMap = None,
 ) -> None:
     """Label (classification) or answer (generation) one text, or every row of --input (JSONL out)."""
     if (text is None) == (input is None):
@@ -224,6 +235,7 @@ def predict(
     try:
         task_model, info = load_run(run, _backbone(run, model))
         fields = task_model.template.fields
+        info.remap(column, fields)
         if text is not None:
             if len(fields) != 1:
                 raise DataError(f"the template has fields {fields}: use --input with a row per input")

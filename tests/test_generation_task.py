@@ -81,3 +81,25 @@ def test_predict_generates_for_a_file(gen_run):
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_eval_reads_renamed_columns_with_column_options(gen_run):
+    """A held-out file with other column names (like py2js/exec.jsonl) scores as the original."""
+    original = [json.loads(x) for x in (gen_run / "dev.jsonl").read_text().splitlines()]
+    renamed = [{"python": r["code"], "reference": r["js"], "checks": r["tests"]} for r in original]
+    (gen_run / "renamed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in renamed))
+
+    def scores(data: str, *extra: str) -> dict:
+        result = runner.invoke(app, ["eval", str(gen_run / "run"), "--data", data, "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    mapping = ["--column", "code=python", "--column", "target=reference", "--column", "tests=checks"]
+    assert scores(str(gen_run / "renamed.jsonl"), *mapping) == scores(str(gen_run / "dev.jsonl"))
+
+    missing = runner.invoke(app, ["eval", str(gen_run / "run"), "--data", str(gen_run / "renamed.jsonl")])
+    assert missing.exit_code != 0 and "renamed.jsonl:1" in missing.output and "'code'" in missing.output
+    wrong = runner.invoke(
+        app, ["eval", str(gen_run / "run"), "--data", str(gen_run / "renamed.jsonl"), "--column", "text=python"]
+    )
+    assert wrong.exit_code != 0 and "not a template field" in wrong.output
