@@ -1,7 +1,7 @@
 """Batched greedy generation throughput: softprompt vs PEFT's `generate`, same prompt, rows, settings.
 
-The softprompt side runs first: it loads the default model, takes a soft prompt (a trained run's, or
-a seeded `vocab` init), encodes the first `--rows` inputs of `--data`/dev.jsonl with the template,
+The softprompt side runs first: it loads the default model, takes a soft prompt and template (a
+trained run's, or a seeded `vocab` init with the summarization template below), encodes the first `--rows` inputs of `--data`/dev.jsonl with the template,
 decodes them greedily in batches, and writes the prompt as a PEFT adapter plus the exact input ids.
 The PEFT side then loads the same model, attaches that adapter with `PeftModel.from_pretrained`, and
 calls `generate` on the same ids (left-padded batches of the same size). Each side runs in its own
@@ -28,20 +28,21 @@ TEMPLATE = "{soft:20} Summarize the function in one sentence.\nCode:\n{input}\nS
 
 def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
     from softprompt import Backbone, SoftPrompt, Template, init_prompt
+    from softprompt.artifact import RunInfo
     from softprompt.data import load_examples
     from softprompt.generate import DecodeConfig, Generator
     from softprompt.peft_interop import write_adapter
 
     backbone = Backbone.load("default")
-    template = Template.parse(TEMPLATE, slot="target")
-    prompt = (
-        SoftPrompt.load(args.run)
-        if args.run
-        else init_prompt("vocab", template.soft_tokens, backbone, seed=0)
-    )
+    if args.run:
+        template = Template.parse(RunInfo.read(args.run).template, slot="target")
+        prompt = SoftPrompt.load(args.run)
+    else:
+        template = Template.parse(TEMPLATE, slot="target")
+        prompt = init_prompt("vocab", template.soft_tokens, backbone, seed=0)
     generator = Generator(backbone, template, prompt.to(backbone.device), max_length=512)
     rows = [
-        e.fields for e in load_examples(args.data / "dev.jsonl", ["input"], label_column=None)[: args.rows]
+        e.fields for e in load_examples(args.data / "dev.jsonl", template.fields, label_column=None)[: args.rows]
     ]
     encoded = generator.encode(rows)
     config = DecodeConfig(max_new_tokens=args.max_new_tokens)
