@@ -14,6 +14,7 @@ Relative data paths are read from the task file's folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -154,7 +155,8 @@ class TaskSpec(BaseModel):
 
     def path(self, relative: str) -> Path:
         path = Path(relative).expanduser()
-        return path if path.is_absolute() else Path(self.base_dir) / path
+        # normpath: error messages and prediction files then name ../shared/x, not examples/../../shared/x
+        return Path(os.path.normpath(path if path.is_absolute() else Path(self.base_dir) / path))
 
 
 def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
