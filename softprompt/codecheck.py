@@ -48,7 +48,10 @@ def _run_node(args: list[str], source: str, timeout: float) -> subprocess.Comple
 
 
 def parses(code: str, language: str) -> bool | None:
-    """True/False when a checker for `language` exists here, None when not."""
+    """True/False when a checker for `language` exists here, None when not. An empty answer is
+    False: both checkers accept an empty program, which is no translation."""
+    if language in CHECKABLE and not code.strip():
+        return False
     if language == "python":
         try:
             ast.parse(code)

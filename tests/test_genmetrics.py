@@ -30,6 +30,11 @@ def test_python_syntax_check():
     assert parses("anything", "cobol") is None
 
 
+def test_an_empty_answer_does_not_count_as_parsing():
+    assert parses("  \n", "python") is False
+    assert parses("", "javascript") is False
+
+
 @pytest.mark.skipif(not node_available(), reason="node not installed")
 def test_javascript_is_checked_and_executed_with_node():
     good = "function add(a, b) { return a + b; }"
