@@ -1,16 +1,18 @@
 """Batched greedy generation throughput: softprompt vs PEFT's `generate`, same prompt, rows, settings.
 
 The softprompt side runs first: it loads the default model, takes a soft prompt and template (a
-trained run's, or a seeded `vocab` init with the summarization template below), encodes the first `--rows` inputs of `--data`/dev.jsonl with the template,
-decodes them greedily in batches, and writes the prompt as a PEFT adapter plus the exact input ids.
-The PEFT side then loads the same model, attaches that adapter with `PeftModel.from_pretrained`, and
-calls `generate` on the same ids (left-padded batches of the same size). A third side, `transformers`,
-calls the base model's `generate` with the prompt vectors spliced before each row's embeddings: the
-computation PEFT's `generate` should do. (With transformers 5 and peft 0.21, PEFT looks for the
-cache under its old name `past_key_values`, finds none, and splices the 20 prompt vectors in again
-at every decoding step: slower, and its tokens differ from a full-sequence reference after the
-first.) Each side runs in its own subprocess. New tokens are counted up to and including the end marker. The last stdout line is one
-JSON object: {"softprompt": {"new_tokens_per_s": ...}, "peft": {"new_tokens_per_s": ...}, ...}.
+trained run's, or a seeded `vocab` init with the summarization template below), encodes the first
+`--rows` inputs of `--data`/dev.jsonl with the template, decodes them greedily in batches, and
+writes the prompt as a PEFT adapter plus the exact input ids. The PEFT side then loads the same
+model, attaches that adapter with `PeftModel.from_pretrained`, and calls `generate` on the same ids
+(left-padded batches of the same size). A third side, `transformers`, calls the base model's
+`generate` with the prompt vectors spliced before each row's embeddings: the computation PEFT's
+`generate` should do. (With transformers 5 and peft 0.21, PEFT looks for the cache under its old
+name `past_key_values`, finds none, and splices the 20 prompt vectors in again at every decoding
+step: slower, and its tokens differ from a full-sequence reference after the first.) Each side runs
+in its own subprocess. New tokens are counted up to and including the end marker. The last stdout
+line is one JSON object: {"softprompt": {"new_tokens_per_s": ...}, "peft": {"new_tokens_per_s":
+...}, ...}.
 
     python bench/generate_vs_peft.py --data ../shared/data/code_summarization --rows 48 --max-new-tokens 48
 """
