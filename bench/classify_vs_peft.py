@@ -28,7 +28,7 @@ def run_softprompt(
 ) -> dict:
     from rich.console import Console
 
-    from softprompt import Backbone, Classifier, TaskSpec, load_classifier
+    from softprompt import Backbone, TaskSpec, load_classifier
     from softprompt.data import load_examples
     from softprompt.metrics import classification_report
     from softprompt.train import train
@@ -58,7 +58,7 @@ def run_softprompt(
         predicted = classifier.predict_proba(rows, batch_size=16).argmax(-1).tolist()
         eval_s = time.perf_counter() - started
         report = classification_report(rows.labels.tolist(), predicted, classifier.labels)
-        plain = Classifier(backbone, classifier.template.without_soft(), classifier.verbalizer, None)
+        plain = classifier.zero_shot()
         zero = plain.predict_proba(plain.encode([e.fields for e in dev], [str(e.label) for e in dev]))
         zero_shot = classification_report(rows.labels.tolist(), zero.argmax(-1).tolist(), classifier.labels)
     return {

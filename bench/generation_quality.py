@@ -35,14 +35,11 @@ VARIANTS = ("zero_shot", "initial_prompt", "tuned")
 def variant_model(name: str, tuned: Generator, info) -> Generator:
     if name == "tuned":
         return tuned
-    backbone = tuned.backbone
     if name == "zero_shot":
-        template, prompt = tuned.template.without_soft(), None
-    else:
-        template = tuned.template
-        seed = int(info.training.get("seed", 0))
-        prompt = init_prompt(info.init, template.soft_tokens, backbone, [], seed).to(backbone.device)
-    return Generator(backbone, template, prompt, tuned.max_length, tuned.max_target_length)
+        return tuned.with_prompt(None)
+    backbone, seed = tuned.backbone, int(info.training.get("seed", 0))
+    initial = init_prompt(info.init, tuned.template.soft_tokens, backbone, [], seed).to(backbone.device)
+    return tuned.with_prompt(initial)
 
 
 def main() -> None:

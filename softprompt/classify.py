@@ -55,6 +55,10 @@ class Classifier:
         self.max_length = max_length
         self.choices: Choices = verbalizer.choices(backbone, template.slot_lead)
 
+    def zero_shot(self) -> Classifier:
+        """The same template, verbalizer and model with the soft tokens removed: plain prompting."""
+        return Classifier(self.backbone, self.template.without_soft(), self.verbalizer, None, self.max_length)
+
     @property
     def labels(self) -> list[str]:
         return self.verbalizer.labels

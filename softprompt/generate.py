@@ -58,6 +58,12 @@ class Generator:
         self.max_target_length = max_target_length
         self.eos_id = backbone.tokenizer.eos_token_id
 
+    def with_prompt(self, prompt: SoftPrompt | None) -> Generator:
+        """The same template, model and lengths with another prompt; None drops the soft tokens
+        (plain prompting, the zero-shot baseline)."""
+        template = self.template if prompt is not None else self.template.without_soft()
+        return Generator(self.backbone, template, prompt, self.max_length, self.max_target_length)
+
     def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:
         tokenize = self.backbone.tokenize_many
         budget = self.max_length - (self.max_target_length if targets is not None else 0)

@@ -103,13 +103,7 @@ class ClassificationTask:
         return summarize(self.report(self.val_rows))
 
     def zero_shot(self) -> dict:
-        plain = Classifier(
-            self.model.backbone,
-            self.template.without_soft(),
-            self.verbalizer,
-            None,
-            self.spec.train.max_length,
-        )
+        plain = self.model.zero_shot()
         rows = plain.encode([e.fields for e in self.dev_examples], [str(e.label) for e in self.dev_examples])
         return summarize(self.report(self._limit(rows, self.spec.train.eval_limit), plain))
 
@@ -160,14 +154,7 @@ class GenerationTask:
         return summarize(self.report())
 
     def zero_shot(self) -> dict:
-        gen = self.spec.generation
-        plain = Generator(
-            self.model.backbone,
-            self.template.without_soft(),
-            None,
-            self.spec.train.max_length,
-            gen.max_target_length,
-        )
+        plain = self.model.with_prompt(None)
         return summarize(self.report(plain, plain.encode([e.fields for e in self.dev_examples])))
 
     def final(self, run: Path) -> dict:
