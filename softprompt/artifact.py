@@ -48,6 +48,9 @@ class RunInfo(BaseModel):
     init: str
     training: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)
+    # imported PEFT prompts: how the adapter was matched to the base model ("fingerprint",
+    # "same path", "same name") or "unverified: ..." when nothing recorded could be checked
+    base_model_check: str | None = None
 
     @classmethod
     def read(cls, run: str | Path) -> RunInfo:

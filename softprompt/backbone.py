@@ -12,8 +12,11 @@ import importlib.metadata
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +106,71 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, str(path.resolve()))
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelNotFound(f"not a model folder or .gguf file: {spec}")
-    return ModelSource(spec, spec)  # a hub id; from_pretrained will fetch it if it can
+    return ModelSource(spec, spec)  # a hub id; fetched only when not cached and the hub answers
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a connection within `timeout` seconds;
+    False under HF_HUB_OFFLINE. The connect runs in a thread so that a hanging name lookup is
+    bounded by the timeout too."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _from_pretrained(path: str, local_files_only: bool) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    offline = {"local_files_only": local_files_only}
+    # adapter_kwargs too: transformers 5 looks for a PEFT adapter config without local_files_only
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, adapter_kwargs=offline, **offline)
+    return AutoTokenizer.from_pretrained(path, local_files_only=local_files_only), model
+
+
+def _from_folder(path: str) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """Tokenizer and fp32 model from a local folder; any failure names the folder."""
+    if not (Path(path) / "config.json").is_file():
+        raise ModelNotFound(f"{path}: not a loadable model folder (no config.json)")
+    try:
+        return _from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"{path}: not a loadable model folder ({_first_line(err)})") from err
+
+
+def _from_hub(hub_id: str) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """Tokenizer and fp32 model for a hub id: from the local cache, else downloaded, but only when the
+    hub answers, so an offline machine fails in seconds instead of after minutes of retries."""
+    try:
+        return _from_pretrained(hub_id, local_files_only=True)
+    except OSError:
+        if not hub_reachable():
+            raise ModelNotFound(
+                f"model {hub_id!r} is not a local model folder or .gguf file, is not in the local Hugging Face "
+                "cache, and this machine cannot reach the hub (offline): give a model folder or a .gguf path"
+            ) from None
+    try:
+        return _from_pretrained(hub_id, local_files_only=False)
+    except OSError as err:
+        raise ModelNotFound(
+            f"model {hub_id!r} cannot be loaded from the Hugging Face hub ({_first_line(err)})"
+        ) from err
 
 
 def _gguf_cache_dir(source: ModelSource) -> Path:
@@ -153,6 +220,75 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def attention_windows(config) -> dict[str, int | None]:
+    """The attention kinds of a model's layers and each one's window (None: the whole past)."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not kinds:  # one kind for every layer; Mistral-style configs give it a window
+        return {"full_attention": window}
+    unknown = kinds - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ModelNotFound(f"unsupported attention layer types {sorted(unknown)}: softprompt runs full and sliding-window attention")
+    return {kind: (window if kind == "sliding_attention" else None) for kind in sorted(kinds)}
+
+
+@dataclass
+class Layout:
+    """Where each token of a batch sits, which decides what it attends to.
+
+    A query sees a key of its own row when the key is real (not padding), sits at the same or an
+    earlier position, belongs to the shared context (group -1) or to the query's group, and, in a
+    sliding-window layer, lies inside the window. Positions, not tensor indices, decide: so right
+    padding, a shared prefix cache and packed continuations all see what one unpadded sequence would.
+    """
+
+    positions: torch.Tensor  # [B, T] position ids
+    real: torch.Tensor  # [B, T] bool, False on padding
+    groups: torch.Tensor  # [B, T] -1: shared context; k >= 0: only queries of group k see it
+
+    @classmethod
+    def of(
+        cls, positions: torch.Tensor, real: torch.Tensor | None = None, groups: torch.Tensor | None = None
+    ) -> Layout:
+        real = torch.ones_like(positions, dtype=torch.bool) if real is None else real.bool()
+        groups = torch.full_like(positions, -1) if groups is None else groups
+        return cls(positions.long(), real, groups.long())
+
+    def cat(self, later: Layout) -> Layout:
+        return Layout(*(torch.cat([a, b], dim=1) for a, b in zip(self.tensors, later.tensors)))
+
+    def select(self, rows: torch.Tensor) -> Layout:
+        return Layout(*(t[rows.cpu()] for t in self.tensors))
+
+    def repeat_interleave(self, n: int) -> Layout:
+        return Layout(*(t.repeat_interleave(n, dim=0) for t in self.tensors))
+
+    def expand(self, batch: int) -> Layout:
+        return Layout(*(t.expand(batch, -1) for t in self.tensors))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.positions, self.real, self.groups
+
+
+@dataclass
+class Context:
+    """Keys and values computed so far (the cache) and where each key sits (its layout)."""
+
+    cache: DynamicCache
+    layout: Layout
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (in place), e.g. when finished rows leave a decoding batch."""
+        self.cache.batch_select_indices(rows)
+        self.layout = self.layout.select(rows)
+
+    def repeat_interleave(self, n: int) -> None:
+        """Repeat every row n times (in place), e.g. one copy per beam."""
+        self.cache.batch_repeat_interleave(n)
+        self.layout = self.layout.repeat_interleave(n)
+
+
 class Backbone:
     """A frozen causal LM with the operations prompt tuning needs."""
 
@@ -176,6 +312,8 @@ class Backbone:
         self.hidden_size: int = config.hidden_size
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.vocab_size: int = self.output_weight.shape[0]
+        self.windows = attention_windows(config)
+        self._bos_ids: list[int] | None = None
 
     @classmethod
     def load(cls, spec: str = DEFAULT_MODEL, device: str | None = None) -> Backbone:
@@ -189,8 +327,7 @@ class Backbone:
             if not cached.is_dir():
                 _dequantize_to_cache(source, cached)
             path, gguf_file = str(cached), None
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer, model = _from_folder(path) if Path(path).is_dir() else _from_hub(path)
         return cls(model, tokenizer, spec, time.perf_counter() - start, device)
 
     # -- the pieces of the model we use ------------------------------------------------------
@@ -198,6 +335,11 @@ class Backbone:
     def body(self) -> torch.nn.Module:
         """The transformer without its output head: embeddings in, final hidden states out."""
         return self.model.base_model
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the model can read (None when its config does not say)."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -209,11 +351,16 @@ class Backbone:
 
     @property
     def bos_ids(self) -> list[int]:
-        """The BOS token a sequence starts with, for tokenizers that add one (SmolLM2's does not)."""
-        tok = self.tokenizer
-        if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
-            return [tok.bos_token_id]
-        return []
+        """The special tokens the tokenizer puts before a text (Gemma's BOS; none for SmolLM2).
+
+        Read off what the tokenizer does rather than its `add_bos_token` flag: Gemma 3's GGUF
+        tokenizer reports False there yet adds a BOS, and Gemma misbehaves without it."""
+        if self._bos_ids is None:
+            plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+            full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            lead = len(full) - len(plain)
+            self._bos_ids = list(full[:lead]) if lead > 0 and full[lead:] == plain else []
+        return self._bos_ids
 
     def tokenize_many(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -222,26 +369,43 @@ class Backbone:
         return self.tokenize_many([text])[0]
 
     def new_cache(self, kv: KeyValues | None = None) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=kv, config=self.model.config)
+        """A cache that keeps every key: which keys a query sees is decided by `attention_masks`
+        (a sliding-window cache would drop keys by tensor index, wrong under right padding)."""
+        return DynamicCache(ddp_cache_data=kv)
+
+    def attention_masks(self, queries: Layout, keys: Layout) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive [B, 1, Q, K] masks, one per attention kind the model has (a dict when it mixes
+        full and sliding-window layers, as Gemma 3 does)."""
+        q_pos, k_pos = queries.positions.unsqueeze(2), keys.positions.unsqueeze(1)
+        allowed = keys.real.unsqueeze(1) & (k_pos <= q_pos)
+        allowed &= (keys.groups.unsqueeze(1) < 0) | (keys.groups.unsqueeze(1) == queries.groups.unsqueeze(2))
+        n_queries = q_pos.shape[1]
+        # Every query sees its own key (the last Q keys are the queries'), so padding never attends to nothing.
+        allowed[:, :, -n_queries:] |= torch.eye(n_queries, dtype=torch.bool, device=allowed.device)
+        lowest = torch.finfo(self.dtype).min
+        masks = {}
+        for kind, window in self.windows.items():
+            seen = allowed if window is None else allowed & (q_pos - k_pos < window)
+            masks[kind] = torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~seen.to(self.device), lowest
+            )[:, None]
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def run(
-        self,
-        embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Run the body on embeddings; `attention_mask` also covers the cached positions."""
-        if cache is None:
-            cache = self.new_cache()
+        self, embeds: torch.Tensor, layout: Layout, context: Context | None = None
+    ) -> tuple[torch.Tensor, Context]:
+        """Run the body on embeddings placed by `layout`, after the keys already in `context`.
+        Returns the final hidden states and the context grown by these tokens."""
+        cache = context.cache if context is not None else self.new_cache()
+        keys = context.layout.cat(layout) if context is not None else layout
         out = self.body(
             inputs_embeds=embeds.to(self.dtype),
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
+            attention_mask=self.attention_masks(layout, keys),
+            position_ids=layout.positions.to(self.device),
             cache=cache,
             use_cache=True,
         )
-        return out.last_hidden_state, out.cache
+        return out.last_hidden_state, Context(out.cache, keys)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:

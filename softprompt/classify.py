@@ -23,7 +23,7 @@ from .prompted import Prefix, PromptedLM
 from .template import Encoded, Template
 from .verbalizer import Choices, Verbalizer
 
-DEFAULT_MAX_LENGTH = 256
+DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
@@ -33,6 +33,9 @@ class EncodedRows:
 
     def __len__(self) -> int:
         return len(self.encoded.bodies)
+
+    def subset(self, index: list[int]) -> EncodedRows:
+        return EncodedRows(self.encoded.subset(index), self.labels[index] if self.labels is not None else None)
 
 
 class Classifier:
@@ -44,20 +47,21 @@ class Classifier:
         prompt: SoftPrompt | None,
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> None:
-        if prompt is not None and prompt.length != template.soft_tokens:
-            raise ValueError(
-                f"the prompt has {prompt.length} vectors, the template {template.soft_tokens} soft tokens"
-            )
         self.backbone = backbone
         self.template = template
         self.verbalizer = verbalizer
-        self.lm = PromptedLM(backbone, prompt)
+        self.lm = PromptedLM(backbone, prompt, template.soft_tokens)
         self.max_length = max_length
         self.choices: Choices = verbalizer.choices(backbone, template.slot_lead)
 
+    def with_prompt(self, prompt: SoftPrompt | None) -> Classifier:
+        """The same template, verbalizer, model and length with another prompt (checked against the
+        template); None drops the soft tokens (plain prompting, the zero-shot baseline)."""
+        template = self.template if prompt is not None else self.template.without_soft()
+        return Classifier(self.backbone, template, self.verbalizer, prompt, self.max_length)
+
     def zero_shot(self) -> Classifier:
-        """The same template, verbalizer and model with the soft tokens removed: plain prompting."""
-        return Classifier(self.backbone, self.template.without_soft(), self.verbalizer, None, self.max_length)
+        return self.with_prompt(None)
 
     @property
     def labels(self) -> list[str]:

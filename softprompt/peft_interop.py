@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .artifact import INFO_FILE, ArtifactError, RunInfo, check_model
-from .backbone import Backbone, resolve
+from .backbone import Backbone, ModelNotFound, resolve
 from .prompt import SoftPrompt
 from .task import TaskSpec
 from .template import Template
@@ -40,6 +40,12 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
         raise ArtifactError(
             f"{run}: template {info.template!r} cannot be expressed in PEFT, which always puts its virtual "
             "tokens before the whole input: export needs one {soft:N} group at the very start"
+        )
+    if backbone.bos_ids:
+        raise ArtifactError(
+            f"{run}: model {info.model!r} starts every input with {backbone.tokenizer.decode(backbone.bos_ids)!r}; "
+            "softprompt puts the soft tokens after it (where the model expects its input), PEFT puts its "
+            "virtual tokens before it, so PEFT would not compute what this prompt was trained for"
         )
     write_adapter(folder, SoftPrompt.load(run), backbone, resolve(info.model).path)
     shutil.copyfile(Path(run) / INFO_FILE, Path(folder) / SIDECAR)
@@ -81,7 +87,9 @@ def import_peft(
     """Turn a PEFT prompt-tuning adapter into a softprompt run folder on `backbone`.
 
     The template (and verbalizer or generation settings) come from `spec` when given, else from the
-    sidecar an export left; PEFT itself records none."""
+    sidecar an export left; PEFT itself records none. The sidecar's fingerprint must match the
+    backbone's; without one, the base model the adapter names is checked where it can be, and the
+    result is kept in `base_model_check`."""
     folder, out = Path(folder), Path(out)
     try:
         adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -92,18 +100,61 @@ def import_peft(
         raise ArtifactError(
             f"{folder}: peft_type {adapter.get('peft_type')!r} is not a plain prompt-tuning adapter"
         )
+    sidecar = _read_sidecar(folder)
+    check = _check_base_model(folder, sidecar, adapter.get("base_model_name_or_path"), backbone)
     if vectors.shape[1] != backbone.hidden_size:
         raise ArtifactError(
             f"{folder}: prompt width {vectors.shape[1]} does not match the model's hidden size {backbone.hidden_size}"
         )
-    info = _info_for_import(folder, backbone, spec, vectors.shape[0])
+    info = _info_for_import(folder, backbone, spec, sidecar, vectors.shape[0])
+    info.base_model_check = check
     out.mkdir(parents=True, exist_ok=True)
     SoftPrompt(vectors.to(torch.float32)).save(out)
     info.write(out)
     return info
 
 
-def _info_for_import(folder: Path, backbone: Backbone, spec: TaskSpec | None, length: int) -> RunInfo:
+def _read_sidecar(folder: Path) -> RunInfo | None:
+    """The run description our export leaves beside the adapter, if there is one."""
+    path = folder / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        return RunInfo.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ArtifactError(f"{path}: not a valid softprompt run description ({err})") from err
+
+
+def _check_base_model(folder: Path, sidecar: RunInfo | None, base: str | None, backbone: Backbone) -> str:
+    """How the adapter is known to belong to `backbone`: by the sidecar's fingerprint (a different
+    one is refused), else by the base model PEFT names being the loaded model's path or name."""
+    if sidecar is not None:
+        check_model(sidecar, backbone, folder)
+        return "fingerprint"
+    if not base:
+        return "unverified: the adapter names no base model"
+    named = Path(base).expanduser()
+    if named.exists():
+        if named.resolve() in _model_paths(backbone):
+            return "same path"
+    elif base in (backbone.spec, getattr(backbone.model.config, "name_or_path", None)):
+        return "same name"
+    return f"unverified: adapter names base model {base!r}"
+
+
+def _model_paths(backbone: Backbone) -> set[Path]:
+    """The folder (and GGUF file) the backbone was loaded from; none for a hub id."""
+    try:
+        source = resolve(backbone.spec)
+    except ModelNotFound:
+        return set()
+    paths = [Path(source.path)] + ([Path(source.path) / source.gguf_file] if source.gguf_file else [])
+    return {path.resolve() for path in paths if path.exists()}
+
+
+def _info_for_import(
+    folder: Path, backbone: Backbone, spec: TaskSpec | None, sidecar: RunInfo | None, length: int
+) -> RunInfo:
     if spec is not None:
         generation = spec.kind == "generation"
         info = RunInfo(
@@ -122,8 +173,8 @@ def _info_for_import(folder: Path, backbone: Backbone, spec: TaskSpec | None, le
             init=f"peft:{folder}",
             training=spec.train.model_dump(),
         )
-    elif (folder / SIDECAR).is_file():
-        info = RunInfo.model_validate_json((folder / SIDECAR).read_text())
+    elif sidecar is not None:
+        info = sidecar
         info.model, info.fingerprint = backbone.spec, backbone.fingerprint
         info.init, info.metrics = f"peft:{folder}", {}
     else:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from .backbone import Backbone, KeyValues
+from .backbone import Backbone, Context, KeyValues, Layout
 from .prompt import SoftPrompt
 
 PAD_ID = 0  # any real id: padded positions are masked out of attention and never read
@@ -27,18 +26,18 @@ class Prefix:
     kv: KeyValues | None
     length: int
 
-    def cache_for(self, backbone: Backbone, batch: int) -> DynamicCache:
+    def context_for(self, backbone: Backbone, batch: int) -> Context | None:
+        """The prefix as the starting context of a batch (its keys shared, not copied, per row)."""
         if self.kv is None:
-            return backbone.new_cache()
-        return backbone.new_cache(
-            [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv]
-        )
+            return None
+        cache = backbone.new_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv])
+        return Context(cache, Layout.of(torch.arange(self.length).unsqueeze(0)).expand(batch))
 
 
 @dataclass
 class RowsOutput:
     hidden: torch.Tensor  # [B, S, H] final hidden states of the rows' own tokens
-    cache: DynamicCache  # keys/values of prefix + rows, for continuing
+    context: Context  # keys/values of prefix + rows, for continuing
     mask: torch.Tensor  # [B, S] 1 on real tokens
     lengths: torch.Tensor  # [B] real tokens per row
 
@@ -55,9 +54,11 @@ def pad(rows: list[list[int]], value: int = PAD_ID) -> tuple[torch.Tensor, torch
 
 
 class PromptedLM:
-    """A frozen backbone plus (optionally) a soft prompt."""
+    """A frozen backbone plus (optionally) a soft prompt for a template with `soft_tokens` slots."""
 
-    def __init__(self, backbone: Backbone, prompt: SoftPrompt | None) -> None:
+    def __init__(self, backbone: Backbone, prompt: SoftPrompt | None, soft_tokens: int) -> None:
+        if prompt is not None and prompt.length != soft_tokens:
+            raise ValueError(f"the prompt has {prompt.length} vectors, the template {soft_tokens} soft tokens")
         self.backbone = backbone
         self.prompt = prompt
 
@@ -77,34 +78,32 @@ class PromptedLM:
         if not prefix_ids:
             return Prefix(None, 0)
         ids = torch.tensor([prefix_ids])
-        positions = torch.arange(len(prefix_ids)).unsqueeze(0)
-        _, cache = self.backbone.run(self.splice(ids), torch.ones_like(ids), positions)
-        return Prefix([(layer.keys, layer.values) for layer in cache.layers], len(prefix_ids))
+        layout = Layout.of(torch.arange(len(prefix_ids)).unsqueeze(0))
+        _, context = self.backbone.run(self.splice(ids), layout)
+        return Prefix([(layer.keys, layer.values) for layer in context.cache.layers], len(prefix_ids))
 
     def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> RowsOutput:
         """Run each row after the shared prefix; rows are right-padded."""
         ids, mask = pad(rows)
         batch, width = ids.shape
-        attention = torch.cat([torch.ones(batch, prefix.length, dtype=torch.long), mask], dim=1)
         positions = (prefix.length + torch.arange(width)).unsqueeze(0).expand(batch, -1)
-        hidden, cache = self.backbone.run(
-            self.splice(ids), attention, positions, prefix.cache_for(self.backbone, batch)
+        hidden, context = self.backbone.run(
+            self.splice(ids), Layout.of(positions, mask), prefix.context_for(self.backbone, batch)
         )
-        return RowsOutput(hidden, cache, mask, mask.sum(1))
+        return RowsOutput(hidden, context, mask, mask.sum(1))
 
     def continuation_log_probs(
         self, prefix: Prefix, out: RowsOutput, pairs: list[tuple[int, list[int]]]
     ) -> torch.Tensor:
         """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
 
-        All continuations of a row are packed into one sequence after that row's cache, with an
-        attention mask that lets each continuation see the row and its own earlier tokens only
-        (and position ids that restart where the row ends). So the row's keys/values are never
-        copied per continuation: with 77 labels that copy, not the arithmetic, was the cost.
-        Consumes `out.cache`. The first token of each continuation is left out on purpose:
-        callers score it from the slot's hidden state with only the label rows of the output
-        projection."""
-        batch, width = out.mask.shape
+        All continuations of a row are packed into one sequence after that row's cache, each in a
+        group of its own: it sees the row and its own earlier tokens only, at position ids that
+        restart where the row ends. So the row's keys/values are never copied per continuation: with
+        77 labels that copy, not the arithmetic, was the cost. Consumes `out.context`. The first token
+        of each continuation is left out on purpose: callers score it from the slot's hidden state
+        with only the label rows of the output projection."""
+        batch = out.mask.shape[0]
         inputs: list[list[int]] = [[] for _ in range(batch)]
         targets: list[list[int]] = [[] for _ in range(batch)]
         owner: list[list[int]] = [[] for _ in range(batch)]  # pair index of each packed token
@@ -118,27 +117,11 @@ class PromptedLM:
         target_ids, _ = pad(targets)
         owners, _ = pad(owner, value=-1)
         offsets, _ = pad(offset)
-        packed = ids.shape[1]
-        # allowed[b, q, k] over keys = prefix | row tokens | packed continuations
-        same = (owners.unsqueeze(2) == owners.unsqueeze(1)) & (offsets.unsqueeze(2) >= offsets.unsqueeze(1))
-        same &= real.bool().unsqueeze(2) & real.bool().unsqueeze(1)
-        same |= torch.eye(packed, dtype=torch.bool).unsqueeze(0)  # padded queries see themselves
-        allowed = torch.cat(
-            [
-                torch.ones(batch, packed, prefix.length, dtype=torch.bool),
-                out.mask.bool().unsqueeze(1).expand(batch, packed, width),
-                same,
-            ],
-            dim=2,
-        )
-        mask = torch.zeros(allowed.shape, dtype=self.backbone.dtype).masked_fill(
-            ~allowed, torch.finfo(self.backbone.dtype).min
-        )
         positions = prefix.length + out.lengths.unsqueeze(1) + offsets
-        hidden, _ = self.backbone.run(self.splice(ids), mask.unsqueeze(1), positions, out.cache)
+        hidden, _ = self.backbone.run(self.splice(ids), Layout.of(positions, real, owners), out.context)
         flat = real.reshape(-1).bool().to(hidden.device)
         logp = self.backbone.token_log_probs(
-            hidden.reshape(batch * packed, -1)[flat], target_ids.reshape(-1).to(hidden.device)[flat]
+            hidden.reshape(-1, hidden.shape[-1])[flat], target_ids.reshape(-1).to(hidden.device)[flat]
         )
         sums = torch.zeros(len(pairs), device=logp.device)
         return sums.index_add(0, owners.reshape(-1)[flat.cpu()].to(logp.device), logp)

@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny randomly initialised Llama with a byte-level BPE tokenizer, saved as an
-ordinary Hugging Face model folder, so unit tests exercise the real loading path without a download."""
+"""Shared fixtures: tiny randomly initialised models with a byte-level BPE tokenizer, saved as
+ordinary Hugging Face model folders, so unit tests exercise the real loading path without a download.
+
+The tiny Llama stands for the default model (SmolLM2: no BOS token). The tiny Gemma 3 stands for the
+second real model: it adds a BOS token, scales its input embeddings, and mixes full-attention layers
+with sliding-window layers whose window (6 tokens) is far shorter than the test prompts."""
 
 from __future__ import annotations
 
@@ -8,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -21,16 +31,21 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+def _tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<pad>", "<eos>"],
+        special_tokens=["<pad>", "<eos>", "<bos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
+    return tokenizer
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    tokenizer = _tokenizer()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -40,13 +55,42 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_gemma(folder: Path, seed: int = 0) -> Path:
+    tokenizer = _tokenizer()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", add_bos_token=True
+    )
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    model = Gemma3ForCausalLM(config)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
@@ -62,3 +106,16 @@ def tiny_backbone(tiny_model_dir: Path):
     from softprompt.backbone import Backbone
 
     return Backbone.load(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory: pytest.TempPathFactory):
+    from softprompt.backbone import Backbone
+
+    return Backbone.load(str(build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))), device="cpu")
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def any_backbone(request: pytest.FixtureRequest):
+    """Each tiny backbone in turn: a test using it must hold for both architectures."""
+    return request.getfixturevalue("tiny_backbone" if request.param == "llama" else "tiny_gemma")

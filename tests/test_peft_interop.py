@@ -1,10 +1,14 @@
+import json
+
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
-from softprompt.artifact import ArtifactError, load_classifier
-from softprompt.peft_interop import export_peft, import_peft
+from softprompt.artifact import ArtifactError, RunInfo, load_classifier
+from softprompt.cli import app
+from softprompt.peft_interop import SIDECAR, export_peft, import_peft
 from softprompt.prompt import SoftPrompt
 from softprompt.task import load_task
 from softprompt.train import train
@@ -67,3 +71,62 @@ def test_soft_tokens_in_the_middle_cannot_be_exported(tmp_path, tiny_model_dir, 
     train(load_task(task), tmp_path / "mid", backbone=tiny_backbone, console=quiet())
     with pytest.raises(ArtifactError, match="cannot be expressed in PEFT"):
         export_peft(tmp_path / "mid", tmp_path / "adapter", tiny_backbone)
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_import_refuses_an_adapter_whose_sidecar_names_another_model(
+    run, tmp_path, tiny_model_dir, tiny_backbone
+):
+    export_peft(run, tmp_path / "adapter", tiny_backbone)
+    _edit_json(tmp_path / "adapter" / SIDECAR, fingerprint="0123456789abcdef", model="other-model")
+    pattern = (
+        f"fingerprint 0123456789abcdef.*has fingerprint {tiny_backbone.fingerprint}.*--model other-model"
+    )
+    with pytest.raises(ArtifactError, match=pattern):
+        import_peft(tmp_path / "adapter", tmp_path / "back", tiny_backbone)
+    with pytest.raises(ArtifactError, match=pattern):  # a task file gives the template, not the model
+        import_peft(
+            tmp_path / "adapter",
+            tmp_path / "back2",
+            tiny_backbone,
+            load_task(write_task(tmp_path, tiny_model_dir)),
+        )
+    assert not (tmp_path / "back").exists() and not (tmp_path / "back2").exists()
+
+
+def test_import_records_how_the_base_model_was_checked(run, tmp_path, tiny_model_dir, tiny_backbone):
+    export_peft(run, tmp_path / "adapter", tiny_backbone)
+    assert import_peft(tmp_path / "adapter", tmp_path / "a", tiny_backbone).base_model_check == "fingerprint"
+    (tmp_path / "adapter" / SIDECAR).unlink()  # a plain PEFT adapter: it names the model folder only
+    spec = load_task(write_task(tmp_path, tiny_model_dir))
+    assert (
+        import_peft(tmp_path / "adapter", tmp_path / "b", tiny_backbone, spec).base_model_check == "same path"
+    )
+    assert RunInfo.read(tmp_path / "b").base_model_check == "same path"
+
+
+def test_import_of_an_adapter_naming_an_unknown_base_is_kept_but_marked_unverified(
+    run, tmp_path, tiny_model_dir, tiny_backbone
+):
+    export_peft(run, tmp_path / "adapter", tiny_backbone)
+    (tmp_path / "adapter" / SIDECAR).unlink()
+    _edit_json(tmp_path / "adapter" / "adapter_config.json", base_model_name_or_path="some-org/some-model")
+    task = write_task(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(
+        app, ["import-peft", str(tmp_path / "adapter"), "--out", str(tmp_path / "c"), "--task", str(task)]
+    )
+    assert result.exit_code == 0, result.output
+    check = RunInfo.read(tmp_path / "c").base_model_check
+    assert check == "unverified: adapter names base model 'some-org/some-model'"
+    assert "warning:" in result.output and check in result.output
+
+
+def test_a_prompt_on_a_model_with_a_bos_token_is_not_exported(tmp_path, tiny_gemma):
+    """PEFT would put the virtual tokens before Gemma's BOS, softprompt trains them after it."""
+    task = write_task(tmp_path, tiny_gemma.spec, steps=1)
+    train(load_task(task), tmp_path / "run", backbone=tiny_gemma, console=quiet())
+    with pytest.raises(ArtifactError, match="PEFT puts its virtual tokens before it"):
+        export_peft(tmp_path / "run", tmp_path / "adapter", tiny_gemma)

@@ -43,3 +43,25 @@ def test_nearest_tokens_of_a_token_embedding_is_that_token(tiny_backbone):
     (best, similarity), *_ = prompt.nearest_tokens(tiny_backbone, k=3)[0]
     assert best == tiny_backbone.tokenizer.decode(ids)
     assert similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_prompt_made_from_a_texts_embeddings_scores_like_that_text(any_backbone):
+    """Soft vectors live where the model's input embeddings do (after Gemma's sqrt(hidden) scaling):
+    a prompt initialised from a text's tokens, in place of that text, gives the same probabilities."""
+    from softprompt.classify import Classifier
+    from softprompt.template import Template
+    from softprompt.verbalizer import Verbalizer
+
+    verbalizer = Verbalizer.from_spec({"pos": ["great film"], "neg": ["dull"]})
+    rows = [{"text": "a great film"}, {"text": "a dull, boring mess"}]
+    n = len(any_backbone.tokenize("Review:"))
+    as_text = Classifier(any_backbone, Template.parse("Review: {text} Sentiment: {label}"), verbalizer, None)
+    as_soft = Classifier(
+        any_backbone,
+        Template.parse(f"{{soft:{n}}} {{text}} Sentiment: {{label}}"),
+        verbalizer,
+        init_prompt("text:Review:", n, any_backbone),
+    )
+    torch.testing.assert_close(
+        as_soft.predict_proba(as_soft.encode(rows)), as_text.predict_proba(as_text.encode(rows)), atol=1e-5, rtol=1e-4
+    )

@@ -1,5 +1,6 @@
 """The fast scoring path (shared prefix cache, label rows only) must equal a plain full-sequence
-computation of the same log-probabilities."""
+computation of the same log-probabilities, on the tiny Llama and on the tiny Gemma 3 (BOS token,
+scaled embeddings, sliding-window layers with a window far shorter than the prompts)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from softprompt.template import Template
 from softprompt.verbalizer import Verbalizer
 
 ROWS = [{"text": "a great film"}, {"text": "a dull, boring mess with many more words in it"}, {"text": "ok"}]
+LONG_TEXT = "Read the review below and say how the writer felt about the film."  # > the 6-token window
 
 
 def reference_label_probs(clf: Classifier, encoded, row: int) -> torch.Tensor:
@@ -37,12 +39,17 @@ def reference_label_probs(clf: Classifier, encoded, row: int) -> torch.Tensor:
         ),
         ("{soft:3} Sentiment: {label}. Review: {text}", {"pos": ["positive"], "neg": ["negative"]}),
         ("Review: {text} {soft:4} Sentiment: {label}", {"pos": ["positive"], "neg": ["negative", "boring"]}),
+        (
+            "{soft:5} " + LONG_TEXT + " Review: {text} Sentiment: {label}",
+            {"pos": ["great film", "positive"], "neg": ["dull mess"]},
+        ),
+        ("{soft:3} " + LONG_TEXT + " Sentiment: {label}. Review: {text}", {"pos": ["great film"], "neg": ["no"]}),
     ],
 )
-def test_cached_batched_scores_equal_full_sequence_reference(tiny_backbone, template, words):
+def test_cached_batched_scores_equal_full_sequence_reference(any_backbone, template, words):
     t = Template.parse(template)
     v = Verbalizer.from_spec(words)
-    clf = Classifier(tiny_backbone, t, v, init_prompt("vocab", t.soft_tokens, tiny_backbone, seed=3))
+    clf = Classifier(any_backbone, t, v, init_prompt("vocab", t.soft_tokens, any_backbone, seed=3))
     enc = clf.encode(ROWS)
     probs = clf.predict_proba(enc, batch_size=2)
     with torch.no_grad():
@@ -76,10 +83,10 @@ def test_gradient_reaches_every_soft_vector_through_the_shared_prefix(tiny_backb
     assert all(p.grad is None for p in tiny_backbone.model.parameters())
 
 
-def test_results_do_not_depend_on_batch_composition(tiny_backbone):
+def test_results_do_not_depend_on_batch_composition(any_backbone):
     t = Template.parse("{soft:3} Review: {text} Sentiment: {label}")
     v = Verbalizer.from_spec({"pos": ["great film"], "neg": ["negative"]})
-    clf = Classifier(tiny_backbone, t, v, init_prompt("vocab", 3, tiny_backbone))
+    clf = Classifier(any_backbone, t, v, init_prompt("vocab", 3, any_backbone))
     enc = clf.encode(ROWS)
     together = clf.predict_proba(enc, batch_size=3)
     alone = clf.predict_proba(enc, batch_size=1)
