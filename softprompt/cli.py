@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .artifact import ArtifactError, load_classifier, load_run
+from .artifact import ArtifactError, load_run
 from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
 from .generate import DecodeConfig, Generator
@@ -22,7 +22,7 @@ from .peft_interop import export_peft, import_peft
 from .prompt import InitError
 from .task import GenerationSpec, TaskError, load_task
 from .tasks import score_generations, write_predictions
-from .template import TemplateError
+from .template import TemplateError, summarize_cuts
 from .verbalizer import VerbalizerError
 
 app = typer.Typer(
@@ -64,17 +64,30 @@ def train(
     schedule: Annotated[Optional[str], typer.Option(help="linear | cosine | constant")] = None,
     shots: Annotated[Optional[int], typer.Option(help="few-shot: K training rows per label")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="validate every k steps")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="validate on the first N dev rows")] = None,
+    eval_limit: Annotated[
+        Optional[int], typer.Option(help="validation rows at most (a seeded, label-stratified sample)")
+    ] = None,
+    report_limit: Annotated[
+        Optional[int], typer.Option(help="score the final report on at most N dev rows (seeded sample)")
+    ] = None,
     patience: Annotated[Optional[int], typer.Option(help="early-stopping patience, in validations")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="tokens per row")] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="prompt tokens per row (soft + fixed text + input; inputs are cut to fit)")
+    ] = None,
     length_bucketing: Annotated[
         Optional[bool],
         typer.Option("--length-bucketing/--no-length-bucketing", help="batch rows of similar length"),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="continue an interrupted run in --out (same task file and flags: anything else is refused)"),
+    ] = False,
 ) -> None:
-    """Train a soft prompt on a frozen model (zero-shot first, then validation as it goes)."""
+    """Train a soft prompt on a frozen model (zero-shot first, then validation as it goes).
+
+    Validation (which chooses the kept prompt and stops early) uses a seeded slice of the training
+    rows; the dev file is only scored at the end, with the kept prompt and with zero-shot prompting."""
     from .train import train as run_training
 
     overrides = dict(
@@ -90,6 +103,7 @@ def train(
         shots=shots,
         eval_every=eval_every,
         eval_limit=eval_limit,
+        report_limit=report_limit,
         patience=patience,
         seed=seed,
         max_length=max_length,
@@ -173,7 +187,9 @@ def evaluate_cmd(
             task_model, info, examples, run, data, out, batch_size, as_json, max_new_tokens, num_beams
         )
     rows = task_model.encode([e.fields for e in examples], [str(e.label) for e in examples])
-    probs = task_model.predict_proba(rows, batch_size)
+    _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
+    with _progress("scoring", len(examples)) as advance:
+        probs = task_model.predict_proba(rows, batch_size, advance)
     report = classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), task_model.labels)
     if as_json:
         print(json.dumps(report))
@@ -199,6 +215,7 @@ def _eval_generation(
 ) -> None:
     config = _decode_options(info, max_new_tokens, num_beams, False, 1.0, 1.0, None)
     rows = generator.encode([e.fields for e in examples])
+    _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
     with _progress("decoding", len(examples)) as advance:
         predictions = generator.generate(rows, config, min(batch_size, 16), advance)
     spec = GenerationSpec.model_validate(info.generation or {})
@@ -239,21 +256,27 @@ def predict(
         if text is not None:
             if len(fields) != 1:
                 raise DataError(f"the template has fields {fields}: use --input with a row per input")
-            rows = [{fields[0]: text}]
+            rows, sources = [{fields[0]: text}], ["the text given"]
         else:
-            rows = [e.fields for e in load_examples(input, fields, info.columns, label_column=None)]
+            examples = load_examples(input, fields, info.columns, label_column=None)
+            rows, sources = [e.fields for e in examples], [e.source for e in examples]
     except USER_ERRORS as err:
         _fail(err)
     if isinstance(task_model, Generator):
         config = _decode_options(info, max_new_tokens, num_beams, sample, temperature, top_p, stop)
+        encoded = task_model.encode(rows)
+        _warn_cuts(encoded.encoded, sources, info.max_length)
         with _progress("decoding", len(rows)) as advance:
-            answers = task_model.generate(task_model.encode(rows), config, batch_size, advance)
+            answers = task_model.generate(encoded, config, batch_size, advance)
         results = [{"prediction": a} for a in answers]
         if text is not None and out is None:
             Console().print(answers[0], highlight=False, markup=False)
             return
     else:
-        probs = task_model.predict_proba(task_model.encode(rows), batch_size)
+        encoded = task_model.encode(rows)
+        _warn_cuts(encoded.encoded, sources, info.max_length)
+        with _progress("scoring", len(rows)) as advance:
+            probs = task_model.predict_proba(encoded, batch_size, advance)
         labels = task_model.labels
         results = [
             {"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
@@ -271,6 +294,16 @@ def predict(
     else:
         out.write_text(lines, encoding="utf-8")
         console.print(f"{len(results)} predictions written to {out}")
+
+
+def _warn_cuts(encoded, sources: list[str], max_length: int) -> None:
+    """Say how much input the run's length budget cut, loudly when it is more than a few rows."""
+    summary = summarize_cuts(encoded, sources)
+    if summary is None:
+        return
+    message = summary.describe("input", f"the run's max_length {max_length}")
+    style = "[bold red]warning:[/] " if summary.loud else "[yellow]"
+    console.print(style + message, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -291,19 +324,19 @@ def inspect(
 ) -> None:
     """For each soft token: its norm and its nearest vocabulary tokens (cosine)."""
     try:
-        classifier, info = load_classifier(run, _backbone(run, model))
+        task_model, info = load_run(run, _backbone(run, model))  # a classifier or a generator
     except USER_ERRORS as err:
         _fail(err)
-    prompt = classifier.lm.prompt
+    prompt, backbone = task_model.lm.prompt, task_model.backbone
     assert prompt is not None
-    vocab_norm = prompt.vocab_norm(classifier.backbone)
+    vocab_norm = prompt.vocab_norm(backbone)
     table = Table(
         "#",
         "norm",
         "nearest tokens (cosine)",
         title=f"{run}: {prompt.length} soft tokens, template {info.template!r}",
     )
-    for i, (vec, near) in enumerate(zip(prompt.vectors, prompt.nearest_tokens(classifier.backbone, k))):
+    for i, (vec, near) in enumerate(zip(prompt.vectors, prompt.nearest_tokens(backbone, k))):
         table.add_row(
             str(i), f"{float(vec.detach().norm()):.2f}", "  ".join(f"{tok!r} {sim:.2f}" for tok, sim in near)
         )
@@ -348,6 +381,13 @@ def import_peft_cmd(
     console.print(
         f"imported {info.soft_tokens} virtual tokens into {out} ({info.kind}, template {info.template!r})"
     )
+    if (info.base_model_check or "").startswith("unverified"):
+        console.print(
+            f"[yellow]warning:[/] could not check that {adapter} was trained on {backbone.spec!r} "
+            f"({info.base_model_check}); on another model the prompt means nothing",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("model")

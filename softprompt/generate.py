@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, Layout
 from .prompt import SoftPrompt
 from .prompted import Prefix, PromptedLM, RowsOutput
 from .template import Encoded, Template
@@ -37,9 +37,15 @@ class DecodeConfig:
 class GenRows:
     encoded: Encoded
     targets: list[list[int]] | None  # target ids incl. the end marker, when known
+    target_cut: list[int] = field(default_factory=list)  # per row: target tokens cut to fit
 
     def __len__(self) -> int:
         return len(self.encoded.bodies)
+
+    def subset(self, index: list[int]) -> GenRows:
+        targets = [self.targets[i] for i in index] if self.targets is not None else None
+        cut = [self.target_cut[i] for i in index] if self.target_cut else []
+        return GenRows(self.encoded.subset(index), targets, cut)
 
 
 class Generator:
@@ -48,12 +54,15 @@ class Generator:
         backbone: Backbone,
         template: Template,
         prompt: SoftPrompt | None,
-        max_length: int = 1024,
+        max_length: int = 512,
         max_target_length: int = 256,
     ) -> None:
+        """`max_length` bounds the prompt (soft tokens, fixed text, input fields: the fields are cut
+        to fit), in training and in use alike; `max_target_length` bounds the answer in training,
+        end marker included. The two budgets are separate, so the answer never eats the input."""
         self.backbone = backbone
         self.template = template
-        self.lm = PromptedLM(backbone, prompt)
+        self.lm = PromptedLM(backbone, prompt, template.soft_tokens)
         self.max_length = max_length
         self.max_target_length = max_target_length
         self.eos_id = backbone.tokenizer.eos_token_id
@@ -66,16 +75,12 @@ class Generator:
 
     def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:
         tokenize = self.backbone.tokenize_many
-        budget = self.max_length - (self.max_target_length if targets is not None else 0)
-        encoded = self.template.encode(rows, tokenize, budget, self.backbone.bos_ids)
-        target_ids = None
-        if targets is not None:
-            lead = self.template.slot_lead
-            target_ids = [
-                ids[: self.max_target_length - 1] + [self.eos_id]
-                for ids in tokenize([lead + t for t in targets])
-            ]
-        return GenRows(encoded, target_ids)
+        encoded = self.template.encode(rows, tokenize, self.max_length, self.backbone.bos_ids)
+        if targets is None:
+            return GenRows(encoded, None)
+        keep = self.max_target_length - 1  # room for the end marker
+        full = tokenize([self.template.slot_lead + t for t in targets])
+        return GenRows(encoded, [ids[:keep] + [self.eos_id] for ids in full], [max(0, len(ids) - keep) for ids in full])
 
     # -- training -----------------------------------------------------------------------------
     def loss(self, rows: GenRows, index: list[int]) -> torch.Tensor:
@@ -139,30 +144,26 @@ class Generator:
             return any(marker in text for marker in stop)
         return False
 
-    def _start(
-        self, prefix: Prefix, bodies: list[list[int]]
-    ) -> tuple[RowsOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the rows; return their output, the next-token hidden states, attention mask and positions."""
+    def _start(self, prefix: Prefix, bodies: list[list[int]]) -> tuple[RowsOutput, torch.Tensor, torch.Tensor]:
+        """Run the rows; return their output, the next-token hidden states and next positions."""
         out = self.lm.run_rows(prefix, bodies)
         last = (out.lengths - 1).to(out.hidden.device)
         hidden = out.hidden[torch.arange(len(bodies)), last]
-        mask = torch.cat([torch.ones(len(bodies), prefix.length, dtype=torch.long), out.mask], dim=1)
-        return out, hidden, mask, prefix.length + out.lengths
+        return out, hidden, prefix.length + out.lengths
 
-    def _step(self, out: RowsOutput, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
-        """Feed one new token per row; returns the new hidden states and the grown mask."""
-        mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], dim=1)
-        hidden, out.cache = self.backbone.run(
-            self.lm.splice(tokens.view(-1, 1)), mask, positions.view(-1, 1), out.cache
+    def _step(self, out: RowsOutput, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row at its own position; returns the new hidden states."""
+        hidden, out.context = self.backbone.run(
+            self.lm.splice(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), out.context
         )
-        return hidden[:, -1], mask
+        return hidden[:, -1]
 
     def _sample(
         self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
     ) -> list[list[int]]:
         """Greedy or sampled decoding. Finished rows leave the batch (and the cache), so the
         remaining rows do not pay for them."""
-        out, hidden, mask, positions = self._start(prefix, bodies)
+        out, hidden, positions = self._start(prefix, bodies)
         generated: list[list[int]] = [[] for _ in bodies]
         active = list(range(len(bodies)))  # original row of each batch position
         for _ in range(config.max_new_tokens):
@@ -180,20 +181,19 @@ class Generator:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep)
-                out.cache.batch_select_indices(index.to(self.backbone.device))
-                tokens, mask, positions = tokens[index], mask[index], positions[index]
+                out.context.select(index.to(self.backbone.device))
+                tokens, positions = tokens[index], positions[index]
                 active = [active[i] for i in keep]
-            hidden, mask = self._step(out, tokens, mask, positions)
+            hidden = self._step(out, tokens, positions)
             positions = positions + 1
         return generated
 
     def _beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         beams = config.num_beams
-        out, hidden, mask, positions = self._start(prefix, bodies)
+        out, hidden, positions = self._start(prefix, bodies)
         rows = len(bodies)
-        out.cache.batch_repeat_interleave(beams)
+        out.context.repeat_interleave(beams)
         hidden = hidden.repeat_interleave(beams, 0)
-        mask = mask.repeat_interleave(beams, 0)
         positions = positions.repeat_interleave(beams, 0)
         scores = torch.full((rows, beams), -float("inf"))
         scores[:, 0] = 0.0
@@ -218,9 +218,8 @@ class Generator:
             )
             if bool(done.all()):
                 break
-            out.cache.batch_select_indices(source.to(self.backbone.device))
-            mask = mask[source]
-            hidden, mask = self._step(out, tokens, mask, positions)
+            out.context.select(source.to(self.backbone.device))
+            hidden = self._step(out, tokens, positions)
             positions = positions + 1
         final = scores.view(-1) / torch.tensor([max(1, len(h)) ** config.length_penalty for h in histories])
         best = final.view(rows, beams).argmax(-1) + torch.arange(rows) * beams

