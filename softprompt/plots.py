@@ -8,12 +8,30 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .task import CLASSIFICATION_METRICS, GENERATION_METRICS  # noqa: E402
 
 
-def learning_curve(history: list[dict], metric: str, path: Path) -> None:
-    """Training loss per step and the validation metric at each evaluation."""
+def metric_axis_limits(metric: str) -> tuple[float, float] | None:
+    """The metric's whole scale: classification scores are fractions, generation scores percentages
+    (BLEU, chrF, ...). None for a metric of unknown scale, which then gets matplotlib's own range."""
+    if metric in CLASSIFICATION_METRICS:
+        return (0, 1)
+    if metric in GENERATION_METRICS:
+        return (0, 100)
+    return None
+
+
+def learning_curve(history: list[dict], metric: str, path: Path) -> Figure:
+    """Training loss per step and the validation metric at each evaluation; returns the (closed)
+    figure, whose second axes is the metric's."""
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h[metric]) for h in history if h.get("split") == "dev"]
+    evals = [
+        (h["step"], h[metric])
+        for h in history
+        if h.get("split") == "validation" and h.get("variant") != "zero_shot" and metric in h
+    ]
     fig, ax_loss = plt.subplots(figsize=(7, 4))
     if losses:
         ax_loss.plot(*zip(*losses), color="tab:blue", alpha=0.6, label="train loss")
@@ -21,12 +39,15 @@ def learning_curve(history: list[dict], metric: str, path: Path) -> None:
     ax_loss.set_ylabel("train loss", color="tab:blue")
     ax_metric = ax_loss.twinx()
     if evals:
-        ax_metric.plot(*zip(*evals), "o-", color="tab:orange", label=f"dev {metric}")
-    ax_metric.set_ylabel(f"dev {metric}", color="tab:orange")
-    ax_metric.set_ylim(0, 1)
+        ax_metric.plot(*zip(*evals), "o-", color="tab:orange", label=f"validation {metric}")
+    ax_metric.set_ylabel(f"validation {metric}", color="tab:orange")
+    limits = metric_axis_limits(metric)
+    if limits is not None:
+        ax_metric.set_ylim(*limits)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path) -> None:

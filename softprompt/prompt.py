@@ -6,6 +6,7 @@ is safe to load.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -35,8 +36,11 @@ class SoftPrompt(torch.nn.Module):
         return self.vectors.shape[0]
 
     def save(self, folder: str | Path) -> Path:
+        """Write prompt.safetensors atomically: a crash leaves the old file or the new, never half."""
         path = Path(folder) / PROMPT_FILE
-        save_file({"prompt": self.vectors.detach().cpu().contiguous()}, str(path))
+        tmp = path.with_name(f".{PROMPT_FILE}.tmp")
+        save_file({"prompt": self.vectors.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
         return path
 
     @classmethod

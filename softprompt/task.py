@@ -42,7 +42,15 @@ class TrainSettings(BaseModel):
     warmup: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
     eval_every: int = Field(50, ge=1, description="validate every k optimizer steps")
-    eval_limit: int | None = Field(None, ge=1, description="validate on the first N dev rows only")
+    eval_limit: int | None = Field(
+        None,
+        ge=1,
+        description="validation rows at most: a seeded sample, stratified by label, of the validation file "
+        "or of train (only that many rows are then held out of training)",
+    )
+    report_limit: int | None = Field(
+        None, ge=1, description="score the final report on at most N dev rows (a seeded, label-stratified sample)"
+    )
     eval_batch_size: int = Field(
         16, ge=1, description="rows per evaluation batch (16 measured fastest on 2 CPU cores)"
     )
@@ -55,15 +63,30 @@ class TrainSettings(BaseModel):
     shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
     length_bucketing: bool = Field(True, description="batch rows of similar length (less padding, faster)")
     seed: int = 0
-    max_length: int = Field(256, ge=8, description="tokens per row; input fields are cut to fit")
+    max_length: int = Field(
+        512,
+        ge=8,
+        description="tokens of a row's prompt: soft tokens, fixed text (constants included) and input "
+        "fields, which are cut to fit; a generation answer has its own budget, generation.max_target_length",
+    )
 
 
 class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: str
-    dev: str | None = None
-    dev_fraction: float = Field(0.1, gt=0, lt=1, description="split off when no dev file is given")
+    dev: str | None = Field(None, description="rows of the final report; never used to choose anything")
+    validation: str | None = Field(
+        None,
+        description="rows that choose (validation, early stopping, the kept prompt); default: a seeded "
+        "slice of train, stratified by label",
+    )
+    dev_fraction: float = Field(
+        0.1, gt=0, lt=1, description="with no dev file: share of train held out for the final report"
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="with no validation file: share of train held out for validation"
+    )
     label: str = Field("label", description="column holding the label (classification)")
     target: str = Field("target", description="column holding the answer (generation)")
     tests: str | None = Field(None, description="column holding a test program per row (execution metric)")
@@ -76,7 +99,9 @@ class GenerationSpec(BaseModel):
     metrics: list[str] = Field(default_factory=lambda: ["bleu", "chrf", "rouge_l"])
     language: str | None = Field(None, description="javascript | python: check that outputs parse")
     max_new_tokens: int = Field(128, ge=1)
-    max_target_length: int = Field(256, ge=2, description="target tokens kept for training")
+    max_target_length: int = Field(
+        256, ge=2, description="answer tokens kept for training, end marker included (separate from max_length)"
+    )
     num_beams: int = Field(1, ge=1)
     stop: list[str] = Field(default_factory=list, description="cut answers at the first of these")
 
@@ -165,7 +190,11 @@ def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
     if not path.is_file():
         raise TaskError(f"{path}: task file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        from .data import not_utf8  # the message data files get: line and column of the bad byte
+
+        raise TaskError(not_utf8(path, err)) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

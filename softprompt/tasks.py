@@ -1,12 +1,18 @@
-"""The two kinds of task the training loop can drive, behind one small interface.
+"""A task file bound to a model: its rows split by role, and what the training loop asks of them.
 
-A task owns its encoded train/dev rows and its model (Classifier or Generator); the loop in
-`train.py` only asks it for a loss on a batch, for validation metrics, and for the final report.
+Rows have one of three roles, never two: `train` rows are learned from; `validation` rows choose
+(validation, early stopping, the kept prompt); `dev` rows are the report, scored once at the end,
+with the kept prompt and with plain zero-shot prompting. By default validation is a seeded slice of train,
+stratified by label, so a file sorted by label still validates on every label; the report is the dev
+file (or a held-out slice of train when there is none). `splits.json` in the run folder records
+which file lines went where.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,106 +21,64 @@ from . import plots
 from .backbone import Backbone
 from .classify import Classifier, EncodedRows
 from .codecheck import parses, run_tests
-from .data import DataError, Example, few_shot, load_examples, split
+from .data import DataError, Example, few_shot, held_out_size, hold_out, load_examples
 from .generate import DecodeConfig, Generator, GenRows
 from .metrics import classification_report, generation_scores
 from .prompt import SoftPrompt
-from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskSpec
-from .template import Encoded, Template
+from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskError, TaskSpec
+from .template import CutSummary, Template, summarize_cuts
 from .verbalizer import Verbalizer
 
+Progress = Callable[[int], None]  # called with the number of rows just done
+ROLES = ("train", "validation", "dev")
 
-def read_examples(
-    spec: TaskSpec, template: Template, labels: list[str] | None
-) -> tuple[list[Example], list[Example]]:
-    """Train and dev rows (dev split off train when the task names no dev file); few-shot applied."""
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    dev: list[Example]  # the report rows
+
+    def record(self) -> dict:
+        """For splits.json: per role, how many rows and which lines of which files."""
+        out = {}
+        for role in ROLES:
+            files: dict[str, list[int]] = {}
+            for example in getattr(self, role):
+                path, _, line = example.source.rpartition(":")
+                files.setdefault(path, []).append(int(line))
+            out[role] = {"rows": len(getattr(self, role)), "files": files}
+        return out
+
+
+def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) -> Splits:
+    """Train, validation and report rows, disjoint; seeded, label-stratified slices; few-shot last."""
     generation = spec.kind == "generation"
+    by_label = not generation
     column = spec.data.target if generation else spec.data.label
     keep = [spec.data.tests] if generation and spec.data.tests else None
+    seed, limit = spec.train.seed, spec.train.eval_limit
 
     def read(path: str) -> list[Example]:
         return load_examples(spec.path(path), template.fields, spec.data.columns, column, labels, keep)
 
     train = read(spec.data.train)
-    dev = read(spec.data.dev) if spec.data.dev else None
-    if dev is None:
-        train, dev = split(train, spec.data.dev_fraction, spec.train.seed)
+    if spec.data.dev:
+        dev = read(spec.data.dev)
+    else:
+        train, dev = hold_out(train, held_out_size(len(train), spec.data.dev_fraction, None), seed, by_label)
+    if spec.data.validation:
+        validation = read(spec.data.validation)
+        if limit:
+            validation = hold_out(validation, limit, seed, by_label, leave_one=False)[1]
+    else:
+        size = held_out_size(len(train), spec.data.validation_fraction, limit)
+        train, validation = hold_out(train, size, seed + 1, by_label)
+    if spec.train.report_limit:
+        dev = hold_out(dev, spec.train.report_limit, seed, by_label, leave_one=False)[1]
     if spec.train.shots:
-        train = few_shot(train, spec.train.shots, spec.train.seed)
-    return train, dev
-
-
-def _subset_encoded(enc: Encoded, index: list[int]) -> Encoded:
-    return Encoded(enc.prefix, [enc.bodies[i] for i in index], [enc.afters[i] for i in index], enc.truncated)
-
-
-class ClassificationTask:
-    kind = "classification"
-
-    def __init__(self, spec: TaskSpec, backbone: Backbone, prompt: SoftPrompt | None = None) -> None:
-        self.spec = spec
-        self.template = Template.parse(spec.template)
-        verbalizer = Verbalizer.from_spec(spec.verbalizer) if spec.verbalizer else None
-        train, dev = read_examples(spec, self.template, verbalizer.labels if verbalizer else None)
-        if verbalizer is None:  # labels found in the data, each said by its own name
-            names = sorted({str(e.label) for e in train})
-            verbalizer = Verbalizer.from_spec({n: [n.replace("_", " ")] for n in names})
-            bad = next((e for e in dev if e.label not in verbalizer.words), None)
-            if bad is not None:
-                raise DataError(f"{bad.source}: label {bad.label!r} does not occur in the training data")
-        self.verbalizer = verbalizer
-        self.model = Classifier(backbone, self.template, verbalizer, prompt, spec.train.max_length)
-        self.train_rows = self._encode(train)
-        self.dev_examples = dev
-        self.dev_rows = self._encode(dev)
-        self.val_rows = self._limit(self.dev_rows, spec.train.eval_limit)
-
-    def _encode(self, examples: list[Example]) -> EncodedRows:
-        return self.model.encode([e.fields for e in examples], [str(e.label) for e in examples])
-
-    @staticmethod
-    def _limit(rows: EncodedRows, limit: int | None) -> EncodedRows:
-        if limit is None or limit >= len(rows):
-            return rows
-        index = list(range(limit))
-        return EncodedRows(
-            _subset_encoded(rows.encoded, index), rows.labels[:limit] if rows.labels is not None else None
-        )
-
-    # -- what the loop asks for ---------------------------------------------------------------
-    @property
-    def init_words(self) -> list[str]:
-        return self.verbalizer.all_words()
-
-    def lengths(self) -> list[int]:
-        enc = self.train_rows.encoded
-        return [len(b) + len(a) for b, a in zip(enc.bodies, enc.afters)]
-
-    def loss(self, index: list[int]) -> torch.Tensor:
-        return self.model.loss(self.train_rows, index)
-
-    def report(self, rows: EncodedRows, model: Classifier | None = None) -> dict:
-        model = model or self.model
-        probs = model.predict_proba(rows, self.spec.train.eval_batch_size)
-        assert rows.labels is not None
-        return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
-
-    def validate(self) -> dict:
-        return summarize(self.report(self.val_rows))
-
-    def zero_shot(self) -> dict:
-        plain = self.model.zero_shot()
-        rows = plain.encode([e.fields for e in self.dev_examples], [str(e.label) for e in self.dev_examples])
-        return summarize(self.report(self._limit(rows, self.spec.train.eval_limit), plain))
-
-    def final(self, run: Path) -> dict:
-        """Full report on the whole dev set, with the confusion-matrix figure."""
-        report = self.report(self.dev_rows)
-        plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
-        return report
-
-    def describe(self) -> dict:
-        return {"verbalizer": self.verbalizer.words, "label_column": self.spec.data.label}
+        train = few_shot(train, spec.train.shots, seed)
+    return Splits(train, validation, dev)
 
 
 def summarize(report: dict) -> dict:
@@ -122,45 +86,160 @@ def summarize(report: dict) -> dict:
     return {k: report[k] for k in ("n", *CLASSIFICATION_METRICS, *GENERATION_METRICS) if k in report}
 
 
-class GenerationTask:
-    kind = "generation"
+class Task:
+    """What the two kinds share: rows by role, the current prompt, validation and the final report."""
+
+    kind: str
     init_words: list[str] = []
 
-    def __init__(self, spec: TaskSpec, backbone: Backbone, prompt: SoftPrompt | None = None) -> None:
+    def __init__(self, spec: TaskSpec, backbone: Backbone, model, splits: Splits) -> None:
         self.spec = spec
-        self.template = Template.parse(spec.template, slot="target")
-        train, dev = read_examples(spec, self.template, None)
-        gen = spec.generation
-        self.model = Generator(backbone, self.template, prompt, spec.train.max_length, gen.max_target_length)
-        self.train_rows = self.model.encode([e.fields for e in train], [str(e.label) for e in train])
-        limit = spec.train.eval_limit or len(dev)
-        self.dev_examples = dev[:limit]  # decoding is costly: validation and the final report use this cap
-        self.dev_rows = self.model.encode([e.fields for e in self.dev_examples])
-        self.decode = DecodeConfig(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, stop=gen.stop)
+        self.model = model
+        self.splits = splits
+        self.template: Template = model.template
+        self._check_context(backbone)
+        self.rows = {role: self.encode(model, getattr(splits, role), role == "train") for role in ROLES}
+
+    def _check_context(self, backbone: Backbone) -> None:
+        need = self.spec.train.max_length + self.answer_budget()
+        if backbone.max_positions and need > backbone.max_positions:
+            raise TaskError(
+                f"train.max_length {self.spec.train.max_length} + {self.answer_budget()} answer tokens = {need}, "
+                f"more than the {backbone.max_positions} positions model {self.spec.model} can read"
+            )
+
+    # -- what the loop asks for ---------------------------------------------------------------
+    def use_prompt(self, prompt: SoftPrompt) -> None:
+        """Put a prompt in the model (its length is checked against the template there)."""
+        self.model = self.model.with_prompt(prompt)
 
     def lengths(self) -> list[int]:
-        assert self.train_rows.targets is not None
-        return [len(b) + len(t) for b, t in zip(self.train_rows.encoded.bodies, self.train_rows.targets)]
+        """Tokens per training row, for length bucketing."""
+        raise NotImplementedError
 
     def loss(self, index: list[int]) -> torch.Tensor:
-        return self.model.loss(self.train_rows, index)
+        return self.model.loss(self.rows["train"], index)
 
-    def report(self, model: Generator | None = None, rows: GenRows | None = None) -> dict:
-        model = model or self.model
-        predictions = model.generate(rows or self.dev_rows, self.decode, self.spec.train.eval_batch_size)
-        return score_generations(predictions, self.dev_examples, self.spec.generation, self.spec.data.tests)
+    def validate(self, progress: Progress | None = None) -> dict:
+        return summarize(self.score(self.model, "validation", progress))
 
-    def validate(self) -> dict:
-        return summarize(self.report())
+    def zero_shot(self, role: str, progress: Progress | None = None) -> dict:
+        """The same template without its soft tokens (plain prompting) on the rows of `role`."""
+        return summarize(self.score(self.model.with_prompt(None), role, progress))
 
-    def zero_shot(self) -> dict:
-        plain = self.model.with_prompt(None)
-        return summarize(self.report(plain, plain.encode([e.fields for e in self.dev_examples])))
+    def target_cuts(self) -> int:
+        """Training rows whose answer was cut (generation only)."""
+        return 0
 
-    def final(self, run: Path) -> dict:
-        report = self.report()
-        write_predictions(run / "dev_predictions.jsonl", report.pop("rows"))
-        return report
+    def cuts(self) -> list[tuple[str, CutSummary]]:
+        """Per role, how much input the length budget cut (roles with no cut left out)."""
+        out = []
+        for role in ROLES:
+            sources = [e.source for e in getattr(self.splits, role)]
+            summary = summarize_cuts(self.rows[role].encoded, sources)
+            if summary is not None:
+                out.append((role, summary))
+        return out
+
+    # -- per kind ------------------------------------------------------------------------------
+    def encode(self, model, examples: list[Example], with_answers: bool):
+        raise NotImplementedError
+
+    def score(self, model, role: str, progress: Progress | None = None) -> dict:
+        raise NotImplementedError
+
+    def _rows_for(self, model, role: str):
+        """Rows of `role` rendered for `model` (re-rendered when its template differs, e.g. zero-shot)."""
+        if model.template is self.template:
+            return self.rows[role]
+        return self.encode(model, getattr(self.splits, role), False)
+
+
+class ClassificationTask(Task):
+    kind = "classification"
+
+    def __init__(self, spec: TaskSpec, backbone: Backbone) -> None:
+        template = Template.parse(spec.template)
+        verbalizer = Verbalizer.from_spec(spec.verbalizer) if spec.verbalizer else None
+        splits = read_splits(spec, template, verbalizer.labels if verbalizer else None)
+        if verbalizer is None:  # labels found in the training data, each said by its own name
+            names = sorted({str(e.label) for e in splits.train})
+            verbalizer = Verbalizer.from_spec({n: [n.replace("_", " ")] for n in names})
+            bad = next((e for e in splits.validation + splits.dev if e.label not in verbalizer.words), None)
+            if bad is not None:
+                raise DataError(f"{bad.source}: label {bad.label!r} does not occur in the training data")
+        self.verbalizer = verbalizer
+        self.init_words = verbalizer.all_words()
+        model = Classifier(backbone, template, verbalizer, None, spec.train.max_length)
+        super().__init__(spec, backbone, model, splits)
+
+    def answer_budget(self) -> int:
+        return max(len(ids) for ids in self.model.choices.ids)
+
+    def encode(self, model: Classifier, examples: list[Example], with_answers: bool) -> EncodedRows:
+        return model.encode([e.fields for e in examples], [str(e.label) for e in examples])
+
+    def lengths(self) -> list[int]:
+        enc = self.rows["train"].encoded
+        return [len(b) + len(a) for b, a in zip(enc.bodies, enc.afters)]
+
+    def score(self, model: Classifier, role: str, progress: Progress | None = None) -> dict:
+        rows = self._rows_for(model, role)
+        probs = model.predict_proba(rows, self.spec.train.eval_batch_size, progress)
+        return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
+
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept prompt and zero-shot prompting on the dev rows; the confusion-matrix figure."""
+        report = self.score(self.model, "dev", progress)
+        plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
+        return {"dev": report, "dev_zero_shot": self.zero_shot("dev", progress)}
+
+    def describe(self) -> dict:
+        return {"verbalizer": self.verbalizer.words, "label_column": self.spec.data.label}
+
+
+class GenerationTask(Task):
+    kind = "generation"
+
+    def __init__(self, spec: TaskSpec, backbone: Backbone) -> None:
+        template = Template.parse(spec.template, slot="target")
+        splits = read_splits(spec, template, None)
+        gen = spec.generation
+        model = Generator(backbone, template, None, spec.train.max_length, gen.max_target_length)
+        self.decode = DecodeConfig(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, stop=gen.stop)
+        super().__init__(spec, backbone, model, splits)
+
+    def answer_budget(self) -> int:
+        return max(self.spec.generation.max_target_length, self.spec.generation.max_new_tokens)
+
+    def encode(self, model: Generator, examples: list[Example], with_answers: bool) -> GenRows:
+        targets = [str(e.label) for e in examples] if with_answers else None
+        return model.encode([e.fields for e in examples], targets)
+
+    def lengths(self) -> list[int]:
+        rows = self.rows["train"]
+        assert rows.targets is not None
+        return [len(b) + len(t) for b, t in zip(rows.encoded.bodies, rows.targets)]
+
+    def score(self, model: Generator, role: str, progress: Progress | None = None) -> dict:
+        predictions = model.generate(
+            self._rows_for(model, role), self.decode, self.spec.train.eval_batch_size, progress
+        )
+        examples = getattr(self.splits, role)
+        return score_generations(predictions, examples, self.spec.generation, self.spec.data.tests)
+
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept prompt and zero-shot prompting on the dev rows, each row's answers written."""
+        results = {}
+        for name, model in (("dev", self.model), ("dev_zero_shot", self.model.with_prompt(None))):
+            report = self.score(model, "dev", progress)
+            write_predictions(run / f"{name}_predictions.jsonl", report.pop("rows"))
+            results[name] = report if name == "dev" else summarize(report)
+        return results
+
+    def target_cuts(self) -> int:
+        """Training rows whose answer was cut to generation.max_target_length."""
+        return sum(1 for c in self.rows["train"].target_cut if c)
 
     def describe(self) -> dict:
         return {
@@ -199,5 +278,5 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def make_task(spec: TaskSpec, backbone: Backbone, prompt: SoftPrompt | None = None):
-    return (GenerationTask if spec.kind == "generation" else ClassificationTask)(spec, backbone, prompt)
+def make_task(spec: TaskSpec, backbone: Backbone) -> Task:
+    return (GenerationTask if spec.kind == "generation" else ClassificationTask)(spec, backbone)

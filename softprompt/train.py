@@ -1,20 +1,23 @@
-"""Training a soft prompt: the loop, validation, early stopping, checkpoints, resume.
+"""Training a soft prompt: the loop, validation, early stopping, checkpoints, exact resume.
 
-Only the soft prompt's vectors get gradients. Validation runs every `eval_every` steps; the best
-prompt is written to the run folder as soon as it appears, so even an interrupted run leaves a
-usable artifact. A checkpoint (prompt + optimizer state, safetensors + JSON) is written atomically
-at each validation and on Ctrl-C; `resume=True` continues from it and, with the same seed, ends
-where an uninterrupted run would.
+Only the soft prompt's vectors get gradients. After every optimizer step (and its validation, when
+one is due) the whole training state goes atomically into checkpoint/: the prompt, the best prompt so
+far, the optimizer state and the counters. The checkpoint is the only state: on resume metrics.jsonl
+is cut back to its step and prompt.safetensors is restored from it, so a run stopped at any moment
+(Ctrl-C or kill -9) and resumed ends exactly where the uninterrupted run would. A resume whose task
+file or flags would change the result is refused with a list of what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,14 +27,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from . import plots
-from .artifact import INFO_FILE, RunInfo
+from .artifact import INFO_FILE, RunInfo, write_atomic
 from .backbone import Backbone
 from .prompt import SoftPrompt, init_prompt
 from .task import TaskError, TaskSpec, TrainSettings
-from .tasks import make_task, summarize
+from .tasks import Task, make_task, summarize
 
 CHECKPOINT = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+SPLITS_FILE = "splits.json"
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -52,7 +56,7 @@ def batch_plan(
     return batches
 
 
-def micro_batches(lengths: list[int], settings: TrainSettings, skip: int):
+def micro_batches(lengths: list[int], settings: TrainSettings, skip: int) -> Iterator[list[int]]:
     """Endless stream of micro-batches across epochs, skipping the first `skip` (for resume)."""
     epoch, seen = 0, 0
     while True:
@@ -102,27 +106,77 @@ def total_steps(settings: TrainSettings, n_train: int) -> int:
     return max(1, math.ceil((settings.epochs or 1) * per_epoch))
 
 
+# -- what decides a run's result --------------------------------------------------------------
+def run_identity(spec: TaskSpec, backbone: Backbone) -> dict:
+    """Everything that decides the result: the model's weights, the task file's settings (the
+    template with its constants inlined, verbalizer, init, data, decoding, training) and the bytes
+    of every data file. A resumed run must match it exactly."""
+    files = {"train": spec.data.train, "dev": spec.data.dev, "validation": spec.data.validation}
+    digests = {
+        role: hashlib.sha256(spec.path(path).read_bytes()).hexdigest()[:16]
+        for role, path in files.items()
+        if path
+    }
+    return {"model_fingerprint": backbone.fingerprint, **spec.model_dump(exclude={"model"}), "data_bytes": digests}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    """'setting: saved -> now' for every setting that differs."""
+    old, new = _flatten(saved), _flatten(now)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def _refuse_changed_resume(run: Path, saved: dict, now: dict) -> None:
+    changes = identity_changes(saved, now)
+    if not changes:
+        return
+    hint = ""
+    if any(c.startswith(("train.steps", "train.epochs")) for c in changes):
+        hint = (
+            " The number of steps sets the learning rate of every step (warmup and decay), so a run resumed "
+            "with other steps would match no uninterrupted run: finish this run as it was started, then train "
+            f"further in a new run with --init from:{run} --steps N."
+        )
+    raise TaskError(f"cannot resume {run}: the result would change ({'; '.join(changes)}).{hint}")
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps done
-    micro: int = 0  # micro-batches consumed
-    best: float = -1.0
+    step: int = 0  # optimizer steps done, each with its validation when one was due
+    best: float = -1.0  # best validation score so far
     best_step: int = 0
-    bad_evals: int = 0
+    bad_evals: int = 0  # validations since the best one
+    stopped_early: bool = False
     examples: int = 0
     train_seconds: float = 0.0
-    baseline: dict = field(default_factory=dict)  # zero-shot and initial-prompt results
+    baseline: dict = field(default_factory=dict)  # validation at step 0: zero-shot and initial prompt
 
 
-def save_checkpoint(
-    run: Path, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, state: TrainState
-) -> None:
+@dataclass
+class Checkpoint:
+    prompt: torch.Tensor
+    best: torch.Tensor  # the best prompt so far, the one the run keeps
+    optimizer: dict
+    state: TrainState
+    identity: dict
+
+
+def save_checkpoint(run: Path, checkpoint: Checkpoint) -> None:
     """Write checkpoint/ atomically: build it beside, then swap it in with renames."""
-    opt = optimizer.state_dict()
-    tensors = {"prompt": prompt.vectors.detach().cpu().contiguous()}
+    tensors = {"prompt": checkpoint.prompt.detach().cpu().contiguous(), "best": checkpoint.best.cpu().contiguous()}
     scalars = {}
-    for key, value in opt["state"].get(0, {}).items():
+    for key, value in checkpoint.optimizer["state"].get(0, {}).items():
         if torch.is_tensor(value):
             tensors[f"opt.{key}"] = value.detach().cpu().contiguous()
         else:
@@ -131,45 +185,81 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"state": asdict(state), "optimizer_scalars": scalars, "param_groups": opt["param_groups"]}
+    meta = {
+        "state": asdict(checkpoint.state),
+        "optimizer_scalars": scalars,
+        "param_groups": checkpoint.optimizer["param_groups"],
+        "identity": checkpoint.identity,
+    }
     (tmp / "state.json").write_text(json.dumps(meta))
     final, old = run / CHECKPOINT, run / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run: Path) -> tuple[torch.Tensor, dict, TrainState]:
+def find_checkpoint(run: Path) -> Path | None:
     folder = run / CHECKPOINT
     if not folder.is_dir() and (run / f".{CHECKPOINT}.old").is_dir():
-        folder = run / f".{CHECKPOINT}.old"  # crashed between the two renames
-    if not folder.is_dir():
-        raise TaskError(f"{run}: nothing to resume (no {CHECKPOINT}/ folder)")
+        folder = run / f".{CHECKPOINT}.old"  # stopped between the two renames
+    return folder if folder.is_dir() else None
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
     tensors = load_file(str(folder / "state.safetensors"))
     meta = json.loads((folder / "state.json").read_text())
     opt_state = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
     opt_state.update(meta["optimizer_scalars"])
     optimizer = {"state": {0: opt_state} if opt_state else {}, "param_groups": meta["param_groups"]}
-    return tensors["prompt"], optimizer, TrainState(**meta["state"])
+    return Checkpoint(tensors["prompt"], tensors["best"], optimizer, TrainState(**meta["state"]), meta["identity"])
 
 
-# -- the loop -------------------------------------------------------------------------------
+# -- the log ----------------------------------------------------------------------------------
 class Log:
-    """Appends to metrics.jsonl and keeps the history in memory for the plots."""
+    """metrics.jsonl, appended as training goes and kept in memory for the plots.
 
-    def __init__(self, run: Path, keep_until: int | None) -> None:
+    On resume it is cut back to the checkpoint's step: lines of a step the checkpoint does not
+    hold, and a half-written last line (a kill during an append), are dropped and written again."""
+
+    def __init__(self, run: Path, up_to_step: int | None) -> None:
         self.path = run / METRICS_FILE
         self.history: list[dict] = []
-        if keep_until is not None and self.path.exists():
-            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            self.history = [h for h in lines if h["step"] <= keep_until]
-        self.path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        if up_to_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and entry.get("step", math.inf) <= up_to_step:
+                    self.history.append(entry)
+        write_atomic(self.path, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def add(self, **entry) -> None:
         self.history.append(entry)
-        with self.path.open("a") as out:
+        with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(entry) + "\n")
+
+
+# -- the loop -------------------------------------------------------------------------------
+COLUMNS = (
+    TextColumn("[bold]{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeRemainingColumn(),
+    TextColumn("{task.fields[info]}"),
+)
+
+
+@contextmanager
+def _phase(progress: Progress, what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar for one long phase (validation, final scoring); removed when the phase ends."""
+    bar = progress.add_task(what, total=total, info="")
+    try:
+        yield lambda n: progress.advance(bar, n)
+    finally:
+        progress.remove_task(bar)
 
 
 def train(
@@ -180,37 +270,181 @@ def train(
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RunInfo:
-    """Train a soft prompt for the task (classification or generation) and write the run folder `out`."""
+    """Train a soft prompt for the task (classification or generation) and write the run folder `out`.
+    `on_step(step)` is called after each step is checkpointed."""
     console = console or Console(stderr=True)
     run = Path(out)
-    if not resume and ((run / INFO_FILE).exists() or (run / CHECKPOINT).exists()):
+    found = find_checkpoint(run)
+    if not resume and (found or (run / INFO_FILE).exists()):
         raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
-    settings = spec.train
+    if resume and found is None and (run / INFO_FILE).exists():
+        raise TaskError(f"{run} is finished: there is nothing to resume")
     if backbone is None:
         with console.status(f"loading model {spec.model} ..."):
             backbone = Backbone.load(spec.model)
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
     task = make_task(spec, backbone)  # reads and validates all data before anything is written
-    for name, count in (
-        ("train", task.train_rows.encoded.truncated),
-        ("dev", task.dev_rows.encoded.truncated),
-    ):
-        if count:
-            console.print(f"[yellow]{count} {name} rows were cut to fit {settings.max_length} tokens")
-
-    state, opt_state = TrainState(), None
-    if resume:
-        vectors, opt_state, state = load_checkpoint(run)
-        prompt = SoftPrompt(vectors)
-        console.print(f"resuming {run} at step {state.step}")
-    else:
-        prompt = init_prompt(
-            str(spec.init), task.template.soft_tokens, backbone, task.init_words, settings.seed
-        )
-    prompt = prompt.to(backbone.device)
-    task.model.lm.prompt = prompt
+    identity = run_identity(spec, backbone)
+    checkpoint = load_checkpoint(found) if resume and found else None
+    fresh = checkpoint is None
+    if checkpoint is not None:
+        _refuse_changed_resume(run, checkpoint.identity, identity)
+        console.print(f"resuming {run} after step {checkpoint.state.step}")
+    elif resume:
+        console.print(f"{run} has no checkpoint yet: starting from the beginning")
+    _warn_cuts(task, console)
     run.mkdir(parents=True, exist_ok=True)
-    log = Log(run, state.step if resume else None)
+    write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
+    settings = spec.train
+    if checkpoint is None:
+        start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, settings.seed)
+        checkpoint = Checkpoint(start.vectors.detach(), start.vectors.detach().clone(), {}, TrainState(), identity)
+    else:
+        SoftPrompt(checkpoint.best).save(run)  # the kept prompt as of the checkpoint, not a later step's
+    prompt = SoftPrompt(checkpoint.prompt).to(backbone.device)
+    task.use_prompt(prompt)
+    optimizer = make_optimizer(prompt, settings)
+    if checkpoint.optimizer:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    steps = total_steps(settings, len(task.rows["train"]))
+    log = Log(run, None if fresh else checkpoint.state.step)
+    try:
+        with Progress(*COLUMNS, console=console) as progress:
+            if fresh:  # baselines, then the step-0 checkpoint
+                _baselines(task, checkpoint, log, progress, console)
+                _commit(run, checkpoint, prompt, optimizer, best_changed=True)
+            _loop(run, task, checkpoint, prompt, optimizer, steps, log, progress, on_step)
+            return _finish(run, task, checkpoint, log, progress, console, backbone)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
+        raise
+
+
+def _saved_step(run: Path) -> int:
+    found = find_checkpoint(run)
+    return json.loads((found / "state.json").read_text())["state"]["step"] if found else 0
+
+
+def _baselines(task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console) -> None:
+    """Zero-shot prompting and the untrained prompt on the validation rows (step 0)."""
+    n = len(task.rows["validation"])
+    with _phase(progress, "zero-shot (validation rows)", n) as advance:
+        zero = task.zero_shot("validation", advance)
+    with _phase(progress, "initial prompt (validation rows)", n) as advance:
+        initial = task.validate(advance)
+    state = checkpoint.state
+    state.baseline = {"zero_shot": zero, "initial_prompt": initial}
+    for name, result in state.baseline.items():
+        log.add(step=0, split="validation", variant=name, **result)
+        console.print(f"{name.replace('_', ' ')} on {n} validation rows: {_describe(result)}")
+    state.best = initial[task.spec.train.metric]
+
+
+def _loop(
+    run: Path,
+    task: Task,
+    checkpoint: Checkpoint,
+    prompt: SoftPrompt,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    log: Log,
+    progress: Progress,
+    on_step: Callable[[int], None] | None,
+) -> None:
+    settings, state = task.spec.train, checkpoint.state
+    stream = micro_batches(task.lengths(), settings, state.step * settings.grad_accum)
+    metric = settings.metric
+    last = state.baseline.get("initial_prompt", {}).get(metric, float("nan"))
+    bar = progress.add_task("training", total=steps, completed=state.step, info=f"validation {metric} {last:.3f}")
+    while state.step < steps and not state.stopped_early:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, steps, settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, seen = 0.0, 0
+        for _ in range(settings.grad_accum):
+            index = next(stream)
+            loss = task.loss(index) / settings.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            seen += len(index)
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(prompt.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        state.step += 1
+        state.examples += seen
+        state.train_seconds += time.perf_counter() - started
+        log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
+        best_changed = False
+        if state.step % settings.eval_every == 0 or state.step == steps:
+            with _phase(progress, "validating", len(task.rows["validation"])) as advance:
+                result = task.validate(advance)
+            log.add(step=state.step, split="validation", **result)
+            last = result[metric]
+            best_changed = _judge(state, result[metric], settings.patience)
+        committed = time.perf_counter()
+        _commit(run, checkpoint, prompt, optimizer, best_changed)
+        state.train_seconds += time.perf_counter() - committed  # checkpointing is part of training's cost
+        progress.update(bar, completed=state.step, info=f"loss {loss_sum:.3f}  validation {metric} {last:.3f}")
+        if on_step is not None:
+            on_step(state.step)
+    if state.stopped_early:
+        progress.console.print(f"early stop at step {state.step}: no gain in {settings.patience} validations")
+
+
+def _judge(state: TrainState, score: float, patience: int) -> bool:
+    """Record a validation score; True when it is the best so far (the prompt to keep)."""
+    if score > state.best:
+        state.best, state.best_step, state.bad_evals = score, state.step, 0
+        return True
+    state.bad_evals += 1
+    state.stopped_early = state.bad_evals >= patience
+    return False
+
+
+def _commit(
+    run: Path, checkpoint: Checkpoint, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, best_changed: bool
+) -> None:
+    """The step is done: checkpoint first (the truth), then the kept prompt beside it."""
+    checkpoint.prompt = prompt.vectors.detach()
+    if best_changed:
+        checkpoint.best = prompt.vectors.detach().cpu().clone()
+    checkpoint.optimizer = optimizer.state_dict()
+    save_checkpoint(run, checkpoint)
+    if best_changed:
+        SoftPrompt(checkpoint.best).save(run)
+
+
+def _describe(result: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+
+
+def _warn_cuts(task: Task, console: Console) -> None:
+    budget = f"train.max_length {task.spec.train.max_length}"
+    for role, summary in task.cuts():
+        style = "[bold red]warning:[/] " if summary.loud else "[yellow]"
+        hint = ": raise train.max_length" if summary.loud else ""
+        console.print(style + summary.describe(role, budget) + hint, highlight=False, soft_wrap=True)
+    cut = task.target_cuts()
+    if cut:
+        limit = task.spec.generation.max_target_length
+        console.print(f"[yellow]{cut} training answers were cut to generation.max_target_length {limit}")
+
+
+def _finish(
+    run: Path,
+    task: Task,
+    checkpoint: Checkpoint,
+    log: Log,
+    progress: Progress,
+    console: Console,
+    backbone: Backbone,
+) -> RunInfo:
+    """Score the kept prompt and zero-shot prompting on the report rows; write task.json and figures."""
+    state, spec = checkpoint.state, task.spec
+    task.use_prompt(SoftPrompt(checkpoint.best).to(backbone.device))
+    with _phase(progress, "scoring dev rows (kept prompt, then zero-shot)", 2 * len(task.rows["dev"])) as advance:
+        results = task.final(run, advance)
     info = RunInfo(
         kind=task.kind,
         model=spec.model,
@@ -218,110 +452,27 @@ def train(
         template=spec.template,
         columns=spec.data.columns,
         soft_tokens=task.template.soft_tokens,
-        max_length=settings.max_length,
+        max_length=spec.train.max_length,
         init=str(spec.init),
-        training=settings.model_dump(),
+        training=spec.train.model_dump(),
         **task.describe(),
     )
-    if not resume:
-        state.baseline = {"zero_shot": task.zero_shot(), "initial_prompt": task.validate()}
-        for name, result in state.baseline.items():
-            log.add(step=0, split="dev", variant=name, **result)
-            console.print(f"{name.replace('_', ' ')}: {_describe(result)}")
-        state.best = state.baseline["initial_prompt"][settings.metric]
-        prompt.save(run)
-
-    optimizer = make_optimizer(prompt, settings)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    steps = total_steps(settings, len(task.train_rows))
-    stream = micro_batches(task.lengths(), settings, state.micro)
-    last_eval = state.baseline.get("initial_prompt", {}).get(settings.metric, float("nan"))
-    columns = [
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  dev {task.fields[metric]} {task.fields[dev]:.3f}"),
-    ]
-    stopped_early = False
-    try:
-        with Progress(*columns, console=console) as progress:
-            bar = progress.add_task(
-                "train",
-                total=steps,
-                completed=state.step,
-                loss=float("nan"),
-                dev=last_eval,
-                metric=settings.metric,
-            )
-            while state.step < steps:
-                started = time.perf_counter()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step, steps, settings)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for _ in range(settings.grad_accum):
-                    index = next(stream)
-                    loss = task.loss(index) / settings.grad_accum
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    state.micro += 1
-                    state.examples += len(index)
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(prompt.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                state.step += 1
-                state.train_seconds += time.perf_counter() - started
-                log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
-                progress.update(bar, completed=state.step, loss=loss_sum)
-                if state.step % settings.eval_every == 0 or state.step == steps:
-                    result = task.validate()
-                    log.add(step=state.step, split="dev", **result)
-                    progress.update(bar, dev=result[settings.metric])
-                    if result[settings.metric] > state.best:
-                        state.best, state.best_step, state.bad_evals = result[settings.metric], state.step, 0
-                        prompt.save(run)
-                    else:
-                        state.bad_evals += 1
-                    save_checkpoint(run, prompt, optimizer, state)
-                    if state.bad_evals >= settings.patience:
-                        stopped_early = True
-                        console.print(
-                            f"early stop at step {state.step}: no gain in {settings.patience} validations"
-                        )
-                        break
-                if on_step is not None:
-                    on_step(state.step)
-    except KeyboardInterrupt:
-        save_checkpoint(run, prompt, optimizer, state)
-        console.print(f"[yellow]interrupted at step {state.step}; continue with --resume")
-        raise
-    return _finish(run, info, task, state, log, stopped_early, console)
-
-
-def _describe(result: dict) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
-
-
-def _finish(
-    run: Path, info: RunInfo, task, state: TrainState, log: Log, stopped_early: bool, console: Console
-) -> RunInfo:
-    """Reload the best prompt, score it on the dev set, write figures and task.json."""
-    task.model.lm.prompt = SoftPrompt.load(run).to(task.model.backbone.device)
-    report = task.final(run)
     info.metrics = {
-        **state.baseline,
-        "dev": report,
+        **results,
+        "validation": {**state.baseline, "kept": {spec.train.metric: state.best}},
         "best_step": state.best_step,
         "steps": state.step,
-        "stopped_early": stopped_early,
+        "stopped_early": state.stopped_early,
         "train_seconds": round(state.train_seconds, 2),
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
-        "truncated_dev_rows": task.dev_rows.encoded.truncated,
+        "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},
+        "cut_rows": {role: summary.rows for role, summary in task.cuts()},
     }
     info.write(run)
-    plots.learning_curve(log.history, task.spec.train.metric, run / "learning_curve.png")
+    plots.learning_curve(log.history, spec.train.metric, run / "learning_curve.png")
     shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
-    console.print(f"best prompt from step {state.best_step}: {_describe(summarize(report))}; saved to {run}")
+    console.print(
+        f"kept the prompt of step {state.best_step}; on {len(task.splits.dev)} dev rows: "
+        f"{_describe(summarize(results['dev']))} (zero-shot: {_describe(results['dev_zero_shot'])}); saved to {run}"
+    )
     return info

@@ -1,6 +1,6 @@
 import pytest
 
-from softprompt.data import DataError, few_shot, load_examples, split
+from softprompt.data import DataError, few_shot, held_out_size, hold_out, load_examples
 
 
 def write(path, text):
@@ -60,9 +60,21 @@ def test_few_shot_takes_k_per_label_reproducibly(tmp_path):
     assert [r.fields for r in picked] == [r.fields for r in few_shot(rows, 3, seed=1)]
 
 
-def test_split_is_disjoint_and_seeded(tmp_path):
-    lines = "".join(f'{{"text": "t{i}", "label": "a"}}\n' for i in range(30))
+def test_hold_out_is_disjoint_seeded_and_gives_every_label_its_share(tmp_path):
+    # sorted by label, 10 "a" then 20 "b": the first rows would all be "a"
+    lines = "".join(f'{{"text": "t{i}", "label": "{"a" if i < 10 else "b"}"}}\n' for i in range(30))
     rows = load_examples(write(tmp_path / "d.jsonl", lines), ["text"])
-    train, dev = split(rows, 0.2, seed=0)
-    assert len(dev) == 6 and len(train) == 24
-    assert not {r.fields["text"] for r in train} & {r.fields["text"] for r in dev}
+    rest, taken = hold_out(rows, 6, seed=0, by_label=True)
+    assert sorted(r.label for r in taken) == ["a"] * 2 + ["b"] * 4
+    assert len(rest) == 24 and not {r.fields["text"] for r in rest} & {r.fields["text"] for r in taken}
+    assert [r.fields for r in taken] == [r.fields for r in hold_out(rows, 6, seed=0, by_label=True)[1]]
+    assert [r.fields for r in taken] != [r.fields for r in hold_out(rows, 6, seed=1, by_label=True)[1]]
+
+
+def test_holding_rows_out_of_train_never_takes_a_labels_last_row(tmp_path):
+    lines = '{"text": "only", "label": "rare"}\n' + "".join(f'{{"text": "t{i}", "label": "b"}}\n' for i in range(9))
+    rows = load_examples(write(tmp_path / "d.jsonl", lines), ["text"])
+    rest, taken = hold_out(rows, 5, seed=0, by_label=True)
+    assert "rare" in {r.label for r in rest}
+    assert held_out_size(5000, 0.1, 200) == 200 and held_out_size(1000, 0.1, None) == 100
+    assert held_out_size(5, 0.1, None) == 1

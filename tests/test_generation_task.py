@@ -31,7 +31,7 @@ def gen_run(tmp_path_factory, tiny_model_dir):
     task.write_text(
         f"model: {tiny_model_dir}\n"
         "template: '{soft:4} Python: {code} JavaScript: {target}'\n"
-        "data: {train: train.jsonl, dev: dev.jsonl, target: js, tests: tests}\n"
+        "data: {train: train.jsonl, dev: dev.jsonl, target: js, tests: tests, validation_fraction: 0.25}\n"
         "generation: {metrics: [chrf, bleu, parse_rate, pass_rate], language: javascript, max_new_tokens: 12}\n"
         "train: {steps: 4, batch_size: 4, lr: 0.3, eval_every: 2, eval_limit: 3}\n"
     )
@@ -44,10 +44,30 @@ def test_generation_run_records_the_task_metric_and_dev_predictions(gen_run):
     info = json.loads((gen_run / "run" / "task.json").read_text())
     assert info["kind"] == "generation"
     assert info["training"]["metric"] == "chrf"
-    assert {"chrf", "bleu", "n"} <= set(info["metrics"]["zero_shot"])
-    assert info["metrics"]["dev"]["n"] == 3
-    rows = [json.loads(x) for x in (gen_run / "run" / "dev_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and {"prediction", "reference"} <= set(rows[0])
+    assert {"chrf", "bleu", "n"} <= set(info["metrics"]["validation"]["zero_shot"])
+    assert info["metrics"]["validation"]["zero_shot"]["n"] == 3  # eval_limit validation rows, from train
+    assert info["metrics"]["dev"]["n"] == 4 and info["metrics"]["dev_zero_shot"]["n"] == 4
+    for name in ("dev_predictions.jsonl", "dev_zero_shot_predictions.jsonl"):
+        rows = [json.loads(x) for x in (gen_run / "run" / name).read_text().splitlines()]
+        assert len(rows) == 4 and {"prediction", "reference", "source"} <= set(rows[0])
+
+
+def test_inputs_reach_the_model_whole_in_training_and_in_use(gen_run, tiny_backbone):
+    """The default budgets leave every input whole (the target has its own budget); training rows,
+    validation rows and rows in use render the same input text."""
+    from softprompt.artifact import load_run
+    from softprompt.task import load_task
+    from softprompt.tasks import make_task
+
+    task = make_task(load_task(gen_run / "task.yaml"), tiny_backbone)
+    for role in ("train", "validation", "dev"):
+        rows, examples = task.rows[role], getattr(task.splits, role)
+        assert rows.encoded.truncated == 0
+        for body, example in zip(rows.encoded.bodies, examples):
+            assert example.fields["code"] in tiny_backbone.tokenizer.decode(body)
+    generator, _ = load_run(gen_run / "run", tiny_backbone)
+    in_use = generator.encode([e.fields for e in task.splits.dev])
+    assert in_use.encoded.bodies == task.rows["dev"].encoded.bodies
 
 
 @pytest.mark.skipif(not node_available(), reason="node not installed")
@@ -58,12 +78,31 @@ def test_eval_scores_execution_and_writes_per_row_predictions(gen_run):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["n"] == 4 and 0 <= report["pass_rate"] <= 100 and "parse_rate" in report
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert all("passed" in r and "parses" in r for r in rows)
+    assert report["n"] == 4 and len(rows) == 4
+    assert report["pass_rate"] == 100 * sum(r["passed"] for r in rows) / 4
+    assert report["parse_rate"] == 100 * sum(r["parses"] for r in rows) / 4
 
 
-def test_predict_generates_for_a_file(gen_run):
+@pytest.mark.skipif(not node_available(), reason="node not installed")
+def test_a_correct_javascript_answer_passes_its_tests_and_a_wrong_one_fails():
+    from softprompt.data import Example
+    from softprompt.task import GenerationSpec
+    from softprompt.tasks import score_generations
+
+    examples = [
+        Example({"code": p}, j, f"dev.jsonl:{i + 1}", {"tests": TESTS[p.split()[1].split("(")[0]]})
+        for i, (p, j) in enumerate(PAIRS[:2])
+    ]
+    right = PAIRS[0][1]  # add, exactly the reference
+    wrong = "function sub(a, b) { return a + b; }"  # parses, but sub(2, 3) is not -1
+    spec = GenerationSpec(metrics=["pass_rate", "parse_rate"], language="javascript")
+    report = score_generations([right, wrong], examples, spec, "tests")
+    assert [r["passed"] for r in report["rows"]] == [True, False]
+    assert report["pass_rate"] == 50.0 and report["parse_rate"] == 100.0
+
+
+def test_predict_writes_the_generators_own_answers_for_a_file(gen_run, tiny_backbone):
     out = gen_run / "answers.jsonl"
     result = runner.invoke(
         app,
@@ -80,7 +119,13 @@ def test_predict_generates_for_a_file(gen_run):
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 4 and all(isinstance(r["prediction"], str) for r in rows)
+    from softprompt.artifact import load_run
+    from softprompt.generate import DecodeConfig
+
+    generator, _ = load_run(gen_run / "run", tiny_backbone)
+    inputs = [{"code": r["code"]} for r in rows]
+    expected = generator.generate(generator.encode(inputs), DecodeConfig(max_new_tokens=12, num_beams=2))
+    assert [r["prediction"] for r in rows] == expected
 
 
 def test_eval_reads_renamed_columns_with_column_options(gen_run):

@@ -1,15 +1,21 @@
 import json
 
 import pytest
-import torch
 
-from softprompt.artifact import ArtifactError, RunInfo, load_classifier
+from softprompt.artifact import ArtifactError, load_classifier
 from softprompt.backbone import Backbone
-from softprompt.prompt import SoftPrompt
+from softprompt.classify import Classifier
 from softprompt.task import TaskError, load_task
+from softprompt.tasks import ClassificationTask
+from softprompt.template import Template
 from softprompt.train import CHECKPOINT, train
+from softprompt.verbalizer import Verbalizer
 
-from helpers import quiet, write_task
+from helpers import NEGATIVE, POSITIVE, quiet, write_task
+
+
+def log_of(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_writes_a_complete_run_folder(tmp_path, tiny_model_dir, tiny_backbone):
@@ -20,6 +26,7 @@ def test_training_writes_a_complete_run_folder(tmp_path, tiny_model_dir, tiny_ba
         "prompt.safetensors",
         "task.json",
         "metrics.jsonl",
+        "splits.json",
         "learning_curve.png",
         "confusion_matrix.png",
     ):
@@ -27,49 +34,87 @@ def test_training_writes_a_complete_run_folder(tmp_path, tiny_model_dir, tiny_ba
     assert not (run / CHECKPOINT).exists()
     assert (run / "prompt.safetensors").stat().st_size < 4096
     assert info.fingerprint == tiny_backbone.fingerprint
-    assert {"zero_shot", "initial_prompt", "dev", "best_step"} <= set(info.metrics)
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"dev", "dev_zero_shot", "validation", "best_step", "rows"} <= set(info.metrics)
+    assert set(info.metrics["validation"]) == {"zero_shot", "initial_prompt", "kept"}
+    log = log_of(run)
     assert [h["step"] for h in log if "loss" in h] == list(range(1, 9))
-    assert [h["step"] for h in log if h.get("split") == "dev" and "variant" not in h] == [2, 4, 6, 8]
+    assert [h["step"] for h in log if h.get("split") == "validation" and "variant" not in h] == [2, 4, 6, 8]
 
 
 def test_training_lowers_the_loss(tmp_path, tiny_model_dir, tiny_backbone):
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=30))
     train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
-    losses = [
-        json.loads(x)["loss"]
-        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in x
-    ]
+    losses = [h["loss"] for h in log_of(tmp_path / "run") if "loss" in h]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
-class Interrupt(Exception):
-    pass
+def test_linear_schedule_warms_up_then_decays_to_zero(tmp_path, tiny_model_dir, tiny_backbone):
+    """8 steps, warmup 25% (2 steps), peak 0.3: the rate each step actually used."""
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=8, extra=", warmup: 0.25"))
+    train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    used = [h["lr"] for h in log_of(tmp_path / "run") if "lr" in h]
+    assert used == pytest.approx([0.15, 0.3, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_resume_reaches_the_same_prompt_as_an_uninterrupted_run(
-    tmp_path, tiny_model_dir, tiny_backbone, optimizer
+def test_early_stopping_ends_training_after_patience_validations_without_gain(
+    tmp_path, tiny_model_dir, tiny_backbone, monkeypatch
 ):
-    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=8, extra=f", optimizer: {optimizer}"))
-    train(spec, tmp_path / "straight", backbone=tiny_backbone, console=quiet())
+    monkeypatch.setattr(ClassificationTask, "validate", lambda self, progress=None: {"n": 2, "accuracy": 0.5})
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=20, extra=", patience: 3"))
+    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    assert info.metrics["stopped_early"] and info.metrics["steps"] == 6  # no gain at steps 2, 4, 6
+    assert info.metrics["best_step"] == 0  # the initial prompt was never beaten, so it is kept
+    assert max(h["step"] for h in log_of(tmp_path / "run")) == 6
 
-    def stop_at_five(step):
-        if step == 5:
-            raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), on_step=stop_at_five)
-    assert (tmp_path / "cut" / CHECKPOINT).is_dir()
-    train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), resume=True)
-    torch.testing.assert_close(
-        SoftPrompt.load(tmp_path / "cut").vectors, SoftPrompt.load(tmp_path / "straight").vectors
+def test_few_shot_trains_on_exactly_k_rows_per_label(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2, extra=", shots: 3"))
+    train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    lines = next(iter(splits["train"]["files"].values()))
+    rows = (tmp_path / "train.jsonl").read_text().splitlines()
+    labels = [json.loads(rows[n - 1])["label"] for n in lines]
+    assert sorted(labels) == ["negative"] * 3 + ["positive"] * 3
+
+
+def test_validation_is_a_label_stratified_slice_of_train_and_the_dev_file_is_only_reported(
+    tmp_path, tiny_model_dir, tiny_backbone
+):
+    """The training file is sorted by label (all positives first): the first rows would all be
+    positive, yet the validation slice holds both labels; no row has two roles."""
+    task = write_task(tmp_path, tiny_model_dir, steps=2)
+    task.write_text(task.read_text().replace("data: {", "data: {validation_fraction: 0.2, "))
+    rows = [{"text": t, "label": "positive"} for t in POSITIVE * 2] + [
+        {"text": t, "label": "negative"} for t in NEGATIVE * 2
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = train(load_task(task), tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    train_file = str(tmp_path / "train.jsonl")
+    rows = (tmp_path / "train.jsonl").read_text().splitlines()
+    validation = splits["validation"]["files"][train_file]
+    assert sorted(json.loads(rows[n - 1])["label"] for n in validation) == ["negative"] * 2 + ["positive"] * 2
+    assert not set(validation) & set(splits["train"]["files"][train_file])
+    assert list(splits["dev"]["files"]) == [str(tmp_path / "dev.jsonl")]
+    assert info.metrics["rows"] == {"train": 16, "validation": 4, "dev": 10}
+
+
+def test_zero_shot_report_is_the_template_without_soft_tokens_on_the_dev_rows(
+    tmp_path, tiny_model_dir, tiny_backbone
+):
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2))
+    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    plain = Classifier(
+        tiny_backbone,
+        Template.parse("Review: {text} Sentiment: {label}"),
+        Verbalizer.from_spec({"positive": ["code"], "negative": ["Sentiment"]}),
+        None,
     )
-    straight = RunInfo.read(tmp_path / "straight").metrics
-    resumed = RunInfo.read(tmp_path / "cut").metrics
-    assert resumed["best_step"] == straight["best_step"]
-    assert resumed["dev"]["accuracy"] == straight["dev"]["accuracy"]
+    texts = POSITIVE + NEGATIVE
+    rows = plain.encode([{"text": t} for t in texts], ["positive"] * 5 + ["negative"] * 5)
+    accuracy = (plain.predict_proba(rows).argmax(-1) == rows.labels).float().mean().item()
+    assert info.metrics["dev_zero_shot"]["accuracy"] == pytest.approx(accuracy)
+    assert info.metrics["dev_zero_shot"]["n"] == 10
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, tiny_backbone):
@@ -77,12 +122,8 @@ def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model_dir, tiny_backbo
     train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
     with pytest.raises(TaskError, match="already holds a run"):
         train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
-
-
-def test_few_shot_trains_on_k_rows_per_label(tmp_path, tiny_model_dir, tiny_backbone):
-    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2, extra=", shots: 2"))
-    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
-    assert info.training["shots"] == 2
+    with pytest.raises(TaskError, match="finished: there is nothing to resume"):
+        train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), resume=True)
 
 
 def test_loading_a_prompt_onto_another_model_is_refused(tmp_path, tiny_model_dir, tiny_backbone):
@@ -126,6 +167,6 @@ def test_constant_files_fill_a_field_and_join_the_shared_prefix(tmp_path, tiny_m
     task.write_text(text + "constants: {policy: policy.md}\n")
     spec = load_task(task)
     assert "Refunds within {{7}} days." in spec.template
-    rows = make_task(spec, tiny_backbone).train_rows.encoded
+    rows = make_task(spec, tiny_backbone).rows["train"].encoded
     shared = tiny_backbone.tokenizer.decode([t for t in rows.prefix if t >= 0])
     assert "Refunds within {7} days." in shared
