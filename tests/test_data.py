@@ -64,8 +64,9 @@ def test_hold_out_is_disjoint_seeded_and_gives_every_label_its_share(tmp_path):
     # sorted by label, 10 "a" then 20 "b": the first rows would all be "a"
     lines = "".join(f'{{"text": "t{i}", "label": "{"a" if i < 10 else "b"}"}}\n' for i in range(30))
     rows = load_examples(write(tmp_path / "d.jsonl", lines), ["text"])
+    for seed in range(10):  # exact shares whatever the seed, not by luck
+        assert sorted(r.label for r in hold_out(rows, 6, seed, by_label=True)[1]) == ["a"] * 2 + ["b"] * 4
     rest, taken = hold_out(rows, 6, seed=0, by_label=True)
-    assert sorted(r.label for r in taken) == ["a"] * 2 + ["b"] * 4
     assert len(rest) == 24 and not {r.fields["text"] for r in rest} & {r.fields["text"] for r in taken}
     assert [r.fields for r in taken] == [r.fields for r in hold_out(rows, 6, seed=0, by_label=True)[1]]
     assert [r.fields for r in taken] != [r.fields for r in hold_out(rows, 6, seed=1, by_label=True)[1]]

@@ -147,6 +147,12 @@ def test_a_long_answer_budget_never_eats_the_input(tiny_backbone):
     assert training.target_cut[2] > 0 and len(training.targets[2]) == 64
 
 
+def test_a_prompt_whose_length_differs_from_the_templates_soft_tokens_is_refused(tiny_backbone):
+    t = Template.parse("{soft:4} Code: {input} Summary: {target}", slot="target")
+    with pytest.raises(ValueError, match="the prompt has 3 vectors, the template 4 soft tokens"):
+        Generator(tiny_backbone, t, init_prompt("vocab", 3, tiny_backbone))
+
+
 def test_generation_templates_must_end_with_the_target(tiny_backbone):
     with pytest.raises(TemplateError, match="nothing but text may follow"):
         Template.parse("{soft:2} {target} Code: {input}", slot="target")

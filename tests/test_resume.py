@@ -133,6 +133,34 @@ def test_an_early_stopped_run_resumed_does_not_train_past_its_stop(
     assert_same_run(tmp_path / "run", tmp_path / "straight")
 
 
+def test_a_kill_between_the_checkpoint_and_the_kept_prompts_file_loses_nothing(
+    tmp_path, tiny_model_dir, tiny_backbone, monkeypatch
+):
+    """The checkpoint holds the best prompt; prompt.safetensors beside it is a copy written just after.
+    Killed between the two, the resumed run restores the copy from the checkpoint."""
+    scores = iter([0.5, 0.6] + [0.6] * 10)  # the initial prompt, then a best at step 2 that is never beaten
+    monkeypatch.setattr(ClassificationTask, "validate", lambda self, progress=None: {"n": 2, "accuracy": next(scores)})
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=8, extra=", patience: 100"))
+    train(spec, tmp_path / "straight", backbone=tiny_backbone, console=quiet())
+    scores = iter([0.5, 0.6] + [0.6] * 10)
+    original, saves = SoftPrompt.save, {"n": 0}
+
+    def save(self, folder):
+        saves["n"] += 1
+        if saves["n"] == 2:  # step 2's new best: checkpoint written, its copy not yet
+            raise Killed
+        return original(self, folder)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SoftPrompt, "save", save)
+        with pytest.raises(Killed):
+            train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    scores = iter([0.6] * 10)
+    train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), resume=True)
+    assert RunInfo.read(tmp_path / "run").metrics["best_step"] == 2
+    assert_same_run(tmp_path / "run", tmp_path / "straight")
+
+
 def test_resuming_with_settings_that_change_the_result_is_refused(tmp_path, tiny_model_dir, tiny_backbone):
     task = write_task(tmp_path, tiny_model_dir, steps=8)
     spec = load_task(task)

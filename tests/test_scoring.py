@@ -54,7 +54,8 @@ def test_cached_batched_scores_equal_full_sequence_reference(any_backbone, templ
     probs = clf.predict_proba(enc, batch_size=2)
     with torch.no_grad():
         expected = torch.stack([reference_label_probs(clf, enc.encoded, r) for r in range(len(ROWS))])
-    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+    # in log space: the tiny random models put ~1e-5 on some labels, where probabilities hide errors
+    torch.testing.assert_close(probs.log(), expected.log(), atol=2e-4, rtol=1e-4)
 
 
 def test_single_token_words_never_project_the_whole_vocabulary(tiny_backbone, monkeypatch):
@@ -90,4 +91,25 @@ def test_results_do_not_depend_on_batch_composition(any_backbone):
     enc = clf.encode(ROWS)
     together = clf.predict_proba(enc, batch_size=3)
     alone = clf.predict_proba(enc, batch_size=1)
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together.log(), alone.log(), atol=2e-4, rtol=1e-4)
+
+
+def test_a_labels_score_is_the_log_of_the_mean_probability_of_its_words():
+    """Words with probabilities 0.5 and 0.1 give their label log(0.3): neither the best word (0.5)
+    nor the sum (0.6)."""
+    import math
+
+    from softprompt.verbalizer import Choices
+
+    choices = Choices([[1], [2], [3]], torch.tensor([0, 0, 1]), 2)
+    scores = choices.label_scores(torch.log(torch.tensor([[0.5, 0.1, 0.2]])))
+    torch.testing.assert_close(scores, torch.tensor([[math.log(0.3), math.log(0.2)]]))
+
+
+def test_gemma_rows_start_with_its_bos_token_and_llama_rows_with_none(tiny_backbone, tiny_gemma):
+    t = Template.parse("{soft:2} Review: {text} Sentiment: {label}")
+    v = Verbalizer.from_spec(["positive", "negative"])
+    gemma = Classifier(tiny_gemma, t, v, init_prompt("vocab", 2, tiny_gemma)).encode(ROWS).encoded
+    assert gemma.prefix[:2] == [tiny_gemma.tokenizer.bos_token_id, -1]
+    llama = Classifier(tiny_backbone, t, v, init_prompt("vocab", 2, tiny_backbone)).encode(ROWS).encoded
+    assert llama.prefix[0] == -1

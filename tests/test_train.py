@@ -100,10 +100,21 @@ def test_validation_is_a_label_stratified_slice_of_train_and_the_dev_file_is_onl
 
 
 def test_zero_shot_report_is_the_template_without_soft_tokens_on_the_dev_rows(
-    tmp_path, tiny_model_dir, tiny_backbone
+    tmp_path, tiny_model_dir, tiny_backbone, monkeypatch
 ):
+    scored = []  # (template text, soft tokens, has a prompt, rows) of every dev scoring
+    original = Classifier.predict_proba
+
+    def spy(self, rows, *args, **kwargs):
+        scored.append((self.template.segments, self.template.soft_tokens, self.lm.prompt is not None, len(rows)))
+        return original(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "predict_proba", spy)
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2))
     info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    kept, zero = scored[-2:]  # the final report: kept prompt, then zero-shot, on the 10 dev rows
+    assert kept[1:] == (4, True, 10) and zero[1:] == (0, False, 10)
+    assert [seg for seg in kept[0] if seg.kind != "soft"][1:] == zero[0][1:]  # same text, fields, slot
     plain = Classifier(
         tiny_backbone,
         Template.parse("Review: {text} Sentiment: {label}"),
