@@ -24,7 +24,7 @@ VERBALIZER = {"negative": ["negative"], "positive": ["positive"]}
 
 
 def run_softprompt(
-    data: Path, steps: int, eval_n: int, lr: float | None, init: str | None, seed: int
+    data: Path, steps: int, eval_n: int, lr: float | None, init: str | None, seed: int, warmup: float | None
 ) -> dict:
     from rich.console import Console
 
@@ -42,6 +42,8 @@ def run_softprompt(
     settings = {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_limit": 200, "seed": seed}
     if lr is not None:
         settings["lr"] = lr
+    if warmup is not None:
+        settings["warmup"] = warmup
     spec = TaskSpec.model_validate(
         {
             "template": TEMPLATE,
@@ -78,6 +80,8 @@ def run_softprompt(
         "eval_n": len(rows),
         "lr": spec.train.lr,
         "init": spec.init,
+        "warmup": spec.train.warmup,
+        "kept_step": info.metrics["best_step"],  # the step whose prompt was kept (validated on train rows)
     }
 
 
@@ -87,6 +91,7 @@ def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
     if side == "softprompt":
         command += [f"--lr={args.lr}"] if args.lr is not None else []
         command += [f"--init={args.init}"] if args.init else []
+        command += [f"--warmup={args.warmup}"] if args.warmup is not None else []
     if side == "peft":
         command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
         command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
@@ -103,12 +108,14 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None, help="softprompt's learning rate (default: ours)")
     parser.add_argument("--init", default=None, help="softprompt's init (default: ours)")
+    parser.add_argument("--warmup", type=float, default=None, help="softprompt's warmup share (default: ours)")
     parser.add_argument("--seed", type=int, default=0, help="data order (and init) seed for both sides")
     parser.add_argument("--side", choices=["softprompt", "peft"], help="run one side here (internal)")
     parser.add_argument("--only", choices=["softprompt", "peft"], help="run just one side")
     args = parser.parse_args()
     if args.side == "softprompt":
-        print(json.dumps(run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init, args.seed)))
+        result = run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init, args.seed, args.warmup)
+        print(json.dumps(result))
         return
     sides = [args.only] if args.only else ["softprompt", "peft"]
     results = {side: side_in_subprocess(side, args) for side in sides}

@@ -21,6 +21,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data import read_text
+
 
 class TaskError(ValueError):
     """The task file is missing, malformed or inconsistent."""
@@ -142,7 +144,7 @@ class TaskSpec(BaseModel):
             path = self.path(file)
             if not path.is_file():
                 raise ValueError(f"constants.{name}: file not found: {path}")
-            text = path.read_text(encoding="utf-8").strip().replace("{", "{{").replace("}", "}}")
+            text = read_text(path).strip().replace("{", "{{").replace("}", "}}")
             if "{" + name + "}" not in self.template:
                 raise ValueError(f"constants.{name}: the template has no {{{name}}} field")
             self.template = self.template.replace("{" + name + "}", text)

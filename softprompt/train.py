@@ -314,10 +314,16 @@ def train(
                 _baselines(task, checkpoint, log, progress, console)
                 _commit(run, checkpoint, prompt, optimizer, best_changed=True)
             _loop(run, task, checkpoint, prompt, optimizer, steps, log, progress, on_step)
-            return _finish(run, task, checkpoint, log, progress, console, backbone)
+            info = _finish(run, task, checkpoint, log, progress, backbone)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
         raise
+    metrics = info.metrics
+    console.print(
+        f"kept the prompt of step {metrics['best_step']}; on {metrics['rows']['dev']} dev rows: "
+        f"{_describe(summarize(metrics['dev']))} (zero-shot: {_describe(metrics['dev_zero_shot'])}); saved to {run}"
+    )
+    return info
 
 
 def _saved_step(run: Path) -> int:
@@ -437,7 +443,6 @@ def _finish(
     checkpoint: Checkpoint,
     log: Log,
     progress: Progress,
-    console: Console,
     backbone: Backbone,
 ) -> RunInfo:
     """Score the kept prompt and zero-shot prompting on the report rows; write task.json and figures."""
@@ -471,8 +476,4 @@ def _finish(
     info.write(run)
     plots.learning_curve(log.history, spec.train.metric, run / "learning_curve.png")
     shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
-    console.print(
-        f"kept the prompt of step {state.best_step}; on {len(task.splits.dev)} dev rows: "
-        f"{_describe(summarize(results['dev']))} (zero-shot: {_describe(results['dev_zero_shot'])}); saved to {run}"
-    )
     return info

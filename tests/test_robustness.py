@@ -159,3 +159,16 @@ def test_folder_that_is_not_a_model_is_model_not_found(tmp_path, tiny_model_dir,
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     with pytest.raises(ModelNotFound, match=f"{tmp_path}: not a loadable model folder"):
         Backbone.load(str(tmp_path))
+
+
+def test_a_constants_file_that_is_not_utf8_names_its_line(tmp_path, tiny_model_dir):
+    from softprompt.task import TaskError, load_task
+
+    from helpers import write_task
+
+    (tmp_path / "policy.md").write_bytes("Reembolso em até 7 dias.\nPolítica de devolução\n".encode("latin-1"))
+    task = write_task(tmp_path, tiny_model_dir, steps=1)
+    text = task.read_text().replace("'{soft:4} Review: {text}", "'{soft:4} Policy: {policy} Review: {text}")
+    task.write_text(text + "constants: {policy: policy.md}\n")
+    with pytest.raises(TaskError, match=r"policy\.md:1: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_task(task)
