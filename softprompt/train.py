@@ -274,39 +274,23 @@ def train(
     `on_step(step)` is called after each step is checkpointed."""
     console = console or Console(stderr=True)
     run = Path(out)
-    found = find_checkpoint(run)
-    if not resume and (found or (run / INFO_FILE).exists()):
-        raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
-    if resume and found is None and (run / INFO_FILE).exists():
-        raise TaskError(f"{run} is finished: there is nothing to resume")
+    found = _resumable(run, resume)
     if backbone is None:
         with console.status(f"loading model {spec.model} ..."):
             backbone = Backbone.load(spec.model)
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
     task = make_task(spec, backbone)  # reads and validates all data before anything is written
-    identity = run_identity(spec, backbone)
-    checkpoint = load_checkpoint(found) if resume and found else None
-    fresh = checkpoint is None
-    if checkpoint is not None:
-        _refuse_changed_resume(run, checkpoint.identity, identity)
-        console.print(f"resuming {run} after step {checkpoint.state.step}")
-    elif resume:
-        console.print(f"{run} has no checkpoint yet: starting from the beginning")
+    checkpoint, fresh = _starting_point(run, task, backbone, found, console)
     _warn_cuts(task, console)
-    run.mkdir(parents=True, exist_ok=True)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
-    settings = spec.train
-    if checkpoint is None:
-        start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, settings.seed)
-        checkpoint = Checkpoint(start.vectors.detach(), start.vectors.detach().clone(), {}, TrainState(), identity)
-    else:
+    if not fresh:
         SoftPrompt(checkpoint.best).save(run)  # the kept prompt as of the checkpoint, not a later step's
     prompt = SoftPrompt(checkpoint.prompt).to(backbone.device)
     task.use_prompt(prompt)
-    optimizer = make_optimizer(prompt, settings)
-    if checkpoint.optimizer:
+    optimizer = make_optimizer(prompt, spec.train)
+    if not fresh:
         optimizer.load_state_dict(checkpoint.optimizer)
-    steps = total_steps(settings, len(task.rows["train"]))
+    steps = total_steps(spec.train, len(task.rows["train"]))
     log = Log(run, None if fresh else checkpoint.state.step)
     try:
         with Progress(*COLUMNS, console=console) as progress:
@@ -324,6 +308,35 @@ def train(
         f"{_describe(summarize(metrics['dev']))} (zero-shot: {_describe(metrics['dev_zero_shot'])}); saved to {run}"
     )
     return info
+
+
+def _resumable(run: Path, resume: bool) -> Path | None:
+    """The checkpoint folder to resume from (None: start afresh), after refusing what cannot be done."""
+    found = find_checkpoint(run)
+    if not resume and (found or (run / INFO_FILE).exists()):
+        raise TaskError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and found is None and (run / INFO_FILE).exists():
+        raise TaskError(f"{run} is finished: there is nothing to resume")
+    return found if resume else None
+
+
+def _starting_point(
+    run: Path, task: Task, backbone: Backbone, found: Path | None, console: Console
+) -> tuple[Checkpoint, bool]:
+    """The checkpoint to continue (refused when the task or model changed), or a fresh start from the
+    task's init; True when fresh. Creates the run folder."""
+    spec, identity = task.spec, run_identity(task.spec, backbone)
+    if found is not None:
+        checkpoint = load_checkpoint(found)
+        _refuse_changed_resume(run, checkpoint.identity, identity)
+        console.print(f"resuming {run} after step {checkpoint.state.step}")
+        return checkpoint, False
+    if run.exists() and any(run.iterdir()):
+        console.print(f"{run} has no checkpoint yet: starting from the beginning")
+    run.mkdir(parents=True, exist_ok=True)
+    start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, spec.train.seed)
+    vectors = start.vectors.detach()
+    return Checkpoint(vectors, vectors.clone(), {}, TrainState(), identity), True
 
 
 def _saved_step(run: Path) -> int:

@@ -103,7 +103,7 @@ def test_stop_strings_cut_the_answer(tiny_backbone):
     assert marker not in cut and full.startswith(cut)
 
 
-def test_loss_counts_only_target_tokens_and_trains_the_prompt(tiny_backbone):
+def test_generation_loss_trains_the_prompt_and_ignores_batch_neighbours(tiny_backbone):
     gen = make(tiny_backbone)
     rows = gen.encode(ROWS, ["adds two numbers", "x", "a meeting request"])
     assert all(t[-1] == gen.eos_id for t in rows.targets)
