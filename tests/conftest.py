@@ -44,56 +44,40 @@ def _tokenizer() -> Tokenizer:
     return tokenizer
 
 
+SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+IDS = dict(max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+
+
+def _save(folder: Path, model, tokenizer: Tokenizer, **special) -> Path:
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", **special).save_pretrained(
+        folder
+    )
+    return folder
+
+
 def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), num_hidden_layers=2, bos_token_id=None, **SIZES, **IDS)
+    return _save(folder, LlamaForCausalLM(config), tokenizer)
 
 
 def build_tiny_gemma(folder: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", add_bos_token=True
-    )
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         query_pre_attn_scalar=8,
         sliding_window=6,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
         bos_token_id=2,
+        **SIZES,
+        **IDS,
     )
-    model = Gemma3ForCausalLM(config)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return _save(folder, Gemma3ForCausalLM(config), tokenizer, bos_token="<bos>", add_bos_token=True)
 
 
 @pytest.fixture(scope="session")

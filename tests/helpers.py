@@ -28,3 +28,20 @@ def quiet():
     from rich.console import Console
 
     return Console(file=open("/dev/null", "w"))
+
+
+def transformers_greedy(generator, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy `generate` for one row, the soft prompt spliced into inputs_embeds:
+    the reference our cached, batched decoding must equal."""
+    import torch
+
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        return generator.backbone.model.generate(
+            inputs_embeds=generator.lm.splice(ids),
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0].tolist()

@@ -5,6 +5,8 @@ from softprompt.generate import DecodeConfig, Generator
 from softprompt.prompt import init_prompt
 from softprompt.template import Template, TemplateError
 
+from helpers import transformers_greedy
+
 ROWS = [
     {"input": "def add(a, b): return a + b"},
     {"input": "x"},
@@ -26,17 +28,7 @@ def test_greedy_with_soft_tokens_in_a_mixed_batch_equals_transformers_generate_o
     rows = gen.encode(ROWS)
     ours = gen.generate_tokens(rows, DecodeConfig(max_new_tokens=8), batch_size=3)
     for r in range(len(ROWS)):
-        ids = torch.tensor([rows.encoded.prefix + rows.encoded.bodies[r]])
-        with torch.no_grad():
-            expected = any_backbone.model.generate(
-                inputs_embeds=gen.lm.splice(ids),
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0]
-        assert ours[r] == expected.tolist()
+        assert ours[r] == transformers_greedy(gen, rows.encoded.prefix + rows.encoded.bodies[r], 8)
 
 
 def test_greedy_equals_transformers_generate_without_soft_tokens(tiny_backbone):
