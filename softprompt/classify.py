@@ -34,9 +34,6 @@ class EncodedRows:
     def __len__(self) -> int:
         return len(self.encoded.bodies)
 
-    def subset(self, index: list[int]) -> EncodedRows:
-        return EncodedRows(self.encoded.subset(index), self.labels[index] if self.labels is not None else None)
-
 
 class Classifier:
     def __init__(

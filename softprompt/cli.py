@@ -301,9 +301,7 @@ def _warn_cuts(encoded, sources: list[str], max_length: int) -> None:
     summary = summarize_cuts(encoded, sources)
     if summary is None:
         return
-    message = summary.describe("input", f"the run's max_length {max_length}")
-    style = "[bold red]warning:[/] " if summary.loud else "[yellow]"
-    console.print(style + message, highlight=False, soft_wrap=True)
+    console.print(summary.console_line("input", f"the run's max_length {max_length}"), highlight=False, soft_wrap=True)
 
 
 @contextmanager

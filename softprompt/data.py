@@ -45,10 +45,10 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(not_utf8(path, err)) from err
+        raise DataError(_not_utf8(path, err)) from err
 
 
-def not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
     """`file:line: not UTF-8 text (byte 0xe9 at column 12); ...` for a failed decode of the file's bytes."""
     data = err.object
     line_start = data.rfind(b"\n", 0, err.start) + 1

@@ -42,11 +42,6 @@ class GenRows:
     def __len__(self) -> int:
         return len(self.encoded.bodies)
 
-    def subset(self, index: list[int]) -> GenRows:
-        targets = [self.targets[i] for i in index] if self.targets is not None else None
-        cut = [self.target_cut[i] for i in index] if self.target_cut else []
-        return GenRows(self.encoded.subset(index), targets, cut)
-
 
 class Generator:
     def __init__(

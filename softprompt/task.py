@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import read_text
+from .data import DataError, read_text
 
 
 class TaskError(ValueError):
@@ -192,11 +192,9 @@ def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
     if not path.is_file():
         raise TaskError(f"{path}: task file not found")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        from .data import not_utf8  # the message data files get: line and column of the bad byte
-
-        raise TaskError(not_utf8(path, err)) from err
+        raw = yaml.safe_load(read_text(path))  # not UTF-8: the message data files get (line, byte, column)
+    except DataError as err:
+        raise TaskError(str(err)) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -142,6 +142,10 @@ class Task:
         return out
 
     # -- per kind ------------------------------------------------------------------------------
+    def answer_budget(self) -> int:
+        """Tokens the answer may add to a row's prompt."""
+        raise NotImplementedError
+
     def encode(self, model, examples: list[Example], with_answers: bool):
         raise NotImplementedError
 

@@ -91,15 +91,6 @@ class Encoded:
         """Rows whose input was cut."""
         return sum(1 for c in self.cut if c)
 
-    def subset(self, index: list[int]) -> Encoded:
-        return Encoded(
-            self.prefix,
-            [self.bodies[i] for i in index],
-            [self.afters[i] for i in index],
-            [self.input_tokens[i] for i in index],
-            [self.cut[i] for i in index],
-        )
-
 
 CUT_WARN_SHARE = 0.05  # above this share of rows cut, the warning is loud: the task likely needs a larger budget
 
@@ -123,6 +114,13 @@ class CutSummary:
             f"{self.rows} of {self.total} {what} rows ({100 * self.rows / self.total:.1f}%) were cut to fit "
             f"{budget}; the worst, {self.worst_source}, lost {self.worst_cut} of its {self.worst_of} input tokens"
         )
+
+    def console_line(self, what: str, budget: str, hint: str = "") -> str:
+        """The line train, eval and predict print (rich markup): a bold-red warning with `hint` when
+        loud, a quiet yellow note otherwise."""
+        if self.loud:
+            return f"[bold red]warning:[/] {self.describe(what, budget)}{hint}"
+        return f"[yellow]{self.describe(what, budget)}"
 
 
 def summarize_cuts(encoded: Encoded, sources: list[str] | None = None) -> CutSummary | None:

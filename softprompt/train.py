@@ -441,9 +441,7 @@ def _describe(result: dict) -> str:
 def _warn_cuts(task: Task, console: Console) -> None:
     budget = f"train.max_length {task.spec.train.max_length}"
     for role, summary in task.cuts():
-        style = "[bold red]warning:[/] " if summary.loud else "[yellow]"
-        hint = ": raise train.max_length" if summary.loud else ""
-        console.print(style + summary.describe(role, budget) + hint, highlight=False, soft_wrap=True)
+        console.print(summary.console_line(role, budget, ": raise train.max_length"), highlight=False, soft_wrap=True)
     cut = task.target_cuts()
     if cut:
         limit = task.spec.generation.max_target_length

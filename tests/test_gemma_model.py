@@ -11,7 +11,7 @@ import torch
 from softprompt import Backbone, Classifier, Template, Verbalizer, init_prompt
 from softprompt.generate import DecodeConfig, Generator
 
-from helpers import transformers_greedy
+from helpers import reference_label_scores, transformers_greedy
 
 POLICY = Path(__file__).resolve().parents[1] / "examples" / "data" / "politica_reembolso" / "policy.md"
 ROWS = [{"q": "Posso devolver um produto usado?"}, {"q": "Quanto tempo leva o reembolso?"}]
@@ -43,16 +43,7 @@ def test_gemma_scores_past_its_window_equal_the_full_sequence_forward(gemma):
     with torch.no_grad():
         ours = torch.stack([clf.scores(clf.prefix(enc), [enc.bodies[r]], [enc.afters[r]])[0] for r in range(2)])
         batched = clf.scores(clf.prefix(enc), enc.bodies, enc.afters)
-        reference = []
-        for r in range(2):
-            context = enc.prefix + enc.bodies[r]
-            words = []
-            for word in clf.choices.ids:
-                ids = torch.tensor([context + word])
-                hidden = gemma.body(inputs_embeds=clf.lm.splice(ids)).last_hidden_state[0]
-                logp = torch.log_softmax(gemma.logits(hidden), -1)
-                words.append(sum(logp[len(context) - 1 + j, tok] for j, tok in enumerate(word)))
-            reference.append(clf.choices.label_scores(torch.stack(words).unsqueeze(0))[0])
+    reference = [reference_label_scores(clf, enc, r) for r in range(2)]
     torch.testing.assert_close(batched, ours, atol=1e-3, rtol=1e-4)
     # label scores are log-probabilities up to a per-row constant (single-token words are read unnormalised)
     torch.testing.assert_close(

@@ -10,23 +10,10 @@ from softprompt.prompt import init_prompt
 from softprompt.template import Template
 from softprompt.verbalizer import Verbalizer
 
+from helpers import reference_label_scores
+
 ROWS = [{"text": "a great film"}, {"text": "a dull, boring mess with many more words in it"}, {"text": "ok"}]
 LONG_TEXT = "Read the review below and say how the writer felt about the film."  # > the 6-token window
-
-
-def reference_label_probs(clf: Classifier, encoded, row: int) -> torch.Tensor:
-    """Score each choice by running prefix + body + word (+ after) as one sequence, no cache."""
-    bb = clf.backbone
-    context = encoded.prefix + encoded.bodies[row]
-    scores = []
-    for word in clf.choices.ids:
-        tokens = word + encoded.afters[row]
-        ids = torch.tensor([context + tokens])
-        hidden = bb.body(inputs_embeds=clf.lm.splice(ids)).last_hidden_state
-        logp = torch.log_softmax(bb.model.lm_head(hidden), -1)[0]
-        start = len(context) - 1
-        scores.append(sum(logp[start + j, t] for j, t in enumerate(tokens)))
-    return torch.softmax(clf.choices.label_scores(torch.stack(scores).unsqueeze(0)), -1)[0]
 
 
 @pytest.mark.parametrize(
@@ -53,7 +40,7 @@ def test_cached_batched_scores_equal_full_sequence_reference(any_backbone, templ
     enc = clf.encode(ROWS)
     probs = clf.predict_proba(enc, batch_size=2)
     with torch.no_grad():
-        expected = torch.stack([reference_label_probs(clf, enc.encoded, r) for r in range(len(ROWS))])
+        expected = torch.softmax(torch.stack([reference_label_scores(clf, enc.encoded, r) for r in range(len(ROWS))]), -1)
     # in log space: the tiny random models put ~1e-5 on some labels, where probabilities hide errors
     torch.testing.assert_close(probs.log(), expected.log(), atol=2e-4, rtol=1e-4)
 
