@@ -13,13 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 
 from .backbone import Backbone
 from .classify import Classifier
 from .data import DataError
 from .generate import Generator
-from .prompt import SoftPrompt
+from .prompt import PROMPT_FILE, SoftPrompt
 from .template import Template
 from .verbalizer import Verbalizer
 
@@ -34,6 +35,7 @@ class ArtifactError(ValueError):
 class RunInfo(BaseModel):
     format: int = FORMAT_VERSION
     kind: str = "classification"
+    method: str = "prompt"  # what was trained; "prompt": a soft prompt on the unchanged model
     model: str
     fingerprint: str
     template: str
@@ -107,13 +109,34 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
     info = RunInfo.read(run)
     backbone = backbone or Backbone.load(info.model)
     check_model(info, backbone, run)
-    prompt = SoftPrompt.load(run).to(backbone.device)
+    prompt = _load_prompt(run, info, backbone).to(backbone.device)
     if info.kind == "generation":
         template = Template.parse(info.template, slot="target")
         target_length = (info.generation or {}).get("max_target_length", 256)
         return Generator(backbone, template, prompt, info.max_length, target_length), info
     verbalizer = Verbalizer.from_spec(info.verbalizer or {})
     return Classifier(backbone, Template.parse(info.template), verbalizer, prompt, info.max_length), info
+
+
+def _load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:
+    """The run's prompt, refused unless it is a finite [soft_tokens, hidden_size] matrix: a
+    downloaded or damaged file must fail here, with its name, not as a shape error mid-request."""
+    path = Path(run) / PROMPT_FILE
+    try:
+        prompt = SoftPrompt.load(run)
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: file not found") from err
+    except (KeyError, OSError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{path}: not a softprompt prompt file (a safetensors file with a tensor 'prompt'): {err}") from err
+    expected = (info.soft_tokens, backbone.hidden_size)
+    if tuple(prompt.vectors.shape) != expected:
+        raise ArtifactError(
+            f"{path}: the prompt is {list(prompt.vectors.shape)}, but this run needs {list(expected)} "
+            f"({info.soft_tokens} soft tokens of the model's {backbone.hidden_size} dimensions)"
+        )
+    if not torch.isfinite(prompt.vectors).all():
+        raise ArtifactError(f"{path}: the prompt holds non-finite values (NaN or infinity)")
+    return prompt
 
 
 def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:

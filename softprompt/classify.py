@@ -19,7 +19,7 @@ import torch
 
 from .backbone import Backbone
 from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM
+from .prompted import Prefix, PromptedLM, Row, continuation_log_probs, run_rows
 from .template import Encoded, Template
 from .verbalizer import Choices, Verbalizer
 
@@ -76,18 +76,8 @@ class Classifier:
         return self.lm.run_prefix(encoded.prefix)
 
     def scores(self, prefix: Prefix, bodies: list[list[int]], afters: list[list[int]]) -> torch.Tensor:
-        """[B, L] label scores (log of mean word probability, up to a per-row constant)."""
-        out = self.lm.run_rows(prefix, bodies)
-        batch = len(bodies)
-        slot_hidden = out.hidden[torch.arange(batch), (out.lengths - 1).to(out.hidden.device)]
-        choice_scores = self.backbone.logits_for(slot_hidden, self.choices.first_ids)  # [B, C]
-        pairs = [(r, word + afters[r]) for r in range(batch) for word in self.choices.ids]
-        needs_more = [i for i, (_, tokens) in enumerate(pairs) if len(tokens) > 1]
-        if needs_more:
-            rest = self.lm.continuation_log_probs(prefix, out, [pairs[i] for i in needs_more])
-            flat = choice_scores.reshape(-1).index_add(0, torch.tensor(needs_more, device=rest.device), rest)
-            choice_scores = flat.view(batch, -1)
-        return self.choices.label_scores(choice_scores)
+        """[B, L] label scores of rows of this task after one prefix (the one-task case of `label_scores`)."""
+        return torch.stack(label_scores([LabelRow(self, prefix, b, a) for b, a in zip(bodies, afters)]))
 
     def batches(self, rows: EncodedRows, batch_size: int) -> Iterator[list[int]]:
         """Index batches sorted by length, so little compute goes to padding."""
@@ -119,3 +109,43 @@ class Classifier:
         )
         assert rows.labels is not None
         return torch.nn.functional.cross_entropy(scores, rows.labels[index].to(scores.device))
+
+
+@dataclass
+class LabelRow:
+    """A row to classify: its task's classifier, the prefix it follows, its ids before and after the slot."""
+
+    classifier: Classifier
+    prefix: Prefix
+    body: list[int]
+    after: list[int]
+
+
+def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
+    """Each row's [L] label scores (log of mean word probability, up to a per-row constant); the
+    rows may belong to different tasks (prompts, templates, verbalizers) and run as one batch."""
+    backbone = rows[0].classifier.backbone
+    out = run_rows([Row(r.classifier.lm, r.prefix, r.body) for r in rows])
+    slot_hidden = out.hidden[torch.arange(len(rows)), (out.lengths - 1).to(out.hidden.device)]
+    groups: dict[int, list[int]] = {}
+    for r, row in enumerate(rows):
+        groups.setdefault(id(row.classifier), []).append(r)
+    first: list[torch.Tensor] = [slot_hidden[0, :0]] * len(rows)  # per row: [C] first-token scores
+    for members in groups.values():
+        choices = rows[members[0]].classifier.choices
+        logits = backbone.logits_for(slot_hidden[members], choices.first_ids)
+        for r, scores in zip(members, logits):
+            first[r] = scores
+    pairs = [(r, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
+    flat = torch.cat(first)  # choice scores of every row, in pair order
+    needs_more = [i for i, (_, tokens) in enumerate(pairs) if len(tokens) > 1]
+    if needs_more:
+        rest = continuation_log_probs(backbone, out, [pairs[i] for i in needs_more])
+        flat = flat.index_add(0, torch.tensor(needs_more, device=rest.device), rest)
+    per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
+    result: list[torch.Tensor] = list(per_row)
+    for members in groups.values():
+        labels = rows[members[0]].classifier.choices.label_scores(torch.stack([per_row[r] for r in members]))
+        for r, scores in zip(members, labels):
+            result[r] = scores
+    return result

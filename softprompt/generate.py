@@ -6,7 +6,9 @@ model learns to emit); logits are computed only at the positions that carry loss
 Decoding (greedy, beam search, sampling) uses the key/value cache: the shared prefix (soft tokens +
 fixed text) runs once per batch, each row's input once, then one position per new token. Rows are
 right-padded; every row gets its own position ids and padded slots are masked, so a row's output does
-not depend on what else is in its batch.
+not depend on what else is in its batch. A `Decoding` holds rows that may belong to different tasks,
+each with its own decoding settings, and advances them one token per `step()`: batch generation runs
+it to the end, a server interleaves its steps with other work and streams each row's tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from .backbone import Backbone, Layout
 from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM, RowsOutput
+from .prompted import Prefix, PromptedLM, Row, RowsOutput, run_rows
 from .template import Encoded, Template
 
 
@@ -97,7 +99,7 @@ class Generator:
     ) -> list[str]:
         """Decoded answers, in row order."""
         config = config or DecodeConfig()
-        return [self._text(t, config.stop) for t in self.generate_tokens(rows, config, batch_size, progress)]
+        return [answer_text(self.backbone, t, config.stop) for t in self.generate_tokens(rows, config, batch_size, progress)]
 
     @torch.inference_mode()
     def generate_tokens(
@@ -112,7 +114,7 @@ class Generator:
             index = order[start : start + batch_size]
             bodies = [rows.encoded.bodies[i] for i in index]
             if config.num_beams > 1:
-                outputs = self._beam_search(prefix, bodies, config)
+                outputs = self.beam_search(prefix, bodies, config)
             else:
                 outputs = self._sample(prefix, bodies, config, generator)
             for i, tokens in zip(index, outputs):
@@ -121,69 +123,23 @@ class Generator:
                 progress(len(index))
         return answers
 
-    def _text(self, tokens: list[int], stop: list[str]) -> str:
-        """The answer: decoded, leading whitespace dropped, cut at the first stop string."""
-        text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-        for marker in stop:
-            if marker in text:
-                text = text[: text.index(marker)]
-        return text.strip()
-
-    def _stopped(self, tokens: list[int], stop: list[str]) -> bool:
-        """End marker emitted, or a stop string after the answer has begun (a model that opens
-        with a newline is not stopped by a newline stop string)."""
-        if tokens and tokens[-1] == self.eos_id:
-            return True
-        if stop:
-            text = self.backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-            return any(marker in text for marker in stop)
-        return False
-
     def _start(self, prefix: Prefix, bodies: list[list[int]]) -> tuple[RowsOutput, torch.Tensor, torch.Tensor]:
         """Run the rows; return their output, the next-token hidden states and next positions."""
         out = self.lm.run_rows(prefix, bodies)
         last = (out.lengths - 1).to(out.hidden.device)
         hidden = out.hidden[torch.arange(len(bodies)), last]
-        return out, hidden, prefix.length + out.lengths
-
-    def _step(self, out: RowsOutput, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one new token per row at its own position; returns the new hidden states."""
-        hidden, out.context = self.backbone.run(
-            self.lm.splice(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), out.context
-        )
-        return hidden[:, -1]
+        return out, hidden, out.starts + out.lengths
 
     def _sample(
         self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
     ) -> list[list[int]]:
-        """Greedy or sampled decoding. Finished rows leave the batch (and the cache), so the
-        remaining rows do not pay for them."""
-        out, hidden, positions = self._start(prefix, bodies)
-        generated: list[list[int]] = [[] for _ in bodies]
-        active = list(range(len(bodies)))  # original row of each batch position
-        for _ in range(config.max_new_tokens):
-            logits = self.backbone.logits(hidden).cpu()
-            if config.do_sample:
-                tokens = _sample_top_p(logits, config.temperature, config.top_p, generator)
-            else:
-                tokens = logits.argmax(-1)
-            keep = []
-            for position, (row, token) in enumerate(zip(active, tokens.tolist())):
-                generated[row].append(token)
-                if not self._stopped(generated[row], config.stop):
-                    keep.append(position)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep)
-                out.context.select(index.to(self.backbone.device))
-                tokens, positions = tokens[index], positions[index]
-                active = [active[i] for i in keep]
-            hidden = self._step(out, tokens, positions)
-            positions = positions + 1
-        return generated
+        """Greedy or sampled decoding: the one-task case of `Decoding`."""
+        decoding = Decoding([GenRow(self, prefix, body, config) for body in bodies], generator)
+        while not decoding.done:
+            decoding.step()
+        return decoding.generated
 
-    def _beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
+    def beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         beams = config.num_beams
         out, hidden, positions = self._start(prefix, bodies)
         rows = len(bodies)
@@ -209,12 +165,12 @@ class Generator:
                 histories[s] + ([] if done[s] else [t]) for s, t in zip(source.tolist(), tokens.tolist())
             ]
             done = torch.tensor(
-                [bool(done[s]) or self._stopped(h, config.stop) for s, h in zip(source.tolist(), histories)]
+                [bool(done[s]) or stopped(self.backbone, h, config.stop) for s, h in zip(source.tolist(), histories)]
             )
             if bool(done.all()):
                 break
             out.context.select(source.to(self.backbone.device))
-            hidden = self._step(out, tokens, positions)
+            hidden = next_hidden(self.backbone, out, tokens, positions)
             positions = positions + 1
         final = scores.view(-1) / torch.tensor([max(1, len(h)) ** config.length_penalty for h in histories])
         best = final.view(rows, beams).argmax(-1) + torch.arange(rows) * beams
@@ -232,3 +188,109 @@ def _sample_top_p(
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def answer_text(backbone: Backbone, tokens: list[int], stop: list[str]) -> str:
+    """The answer: decoded, leading whitespace dropped, cut at the first stop string."""
+    text = backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+    for marker in stop:
+        if marker in text:
+            text = text[: text.index(marker)]
+    return text.strip()
+
+
+def stopped(backbone: Backbone, tokens: list[int], stop: list[str]) -> bool:
+    """End marker emitted, or a stop string after the answer has begun (a model that opens
+    with a newline is not stopped by a newline stop string)."""
+    if tokens and tokens[-1] == backbone.tokenizer.eos_token_id:
+        return True
+    if stop:
+        text = backbone.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        return any(marker in text for marker in stop)
+    return False
+
+
+def next_hidden(backbone: Backbone, out: RowsOutput, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Feed one new token per row at its own position; returns the new hidden states."""
+    hidden, out.context = backbone.run(
+        backbone.embed(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), out.context
+    )
+    return hidden[:, -1]
+
+
+@dataclass
+class GenRow:
+    """A row to decode: its task's generator, the prefix it follows, its ids, its decoding settings."""
+
+    generator: Generator
+    prefix: Prefix
+    body: list[int]
+    config: DecodeConfig
+
+
+class Decoding:
+    """Greedy or sampled decoding of rows that may belong to different tasks, one token per step.
+
+    Each row stops on its own (end marker, its stop strings, its max_new_tokens) and then leaves the
+    batch and its cache, so the remaining rows do not pay for it."""
+
+    def __init__(self, rows: list[GenRow], generator: torch.Generator | None = None) -> None:
+        self.rows = rows
+        self.backbone = rows[0].generator.backbone
+        self.random = generator if generator is not None else torch.Generator().manual_seed(rows[0].config.seed)
+        self.out = run_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
+        last = (self.out.lengths - 1).to(self.out.hidden.device)
+        self.hidden = self.out.hidden[torch.arange(len(rows)), last]
+        self.positions = self.out.starts + self.out.lengths
+        self.generated: list[list[int]] = [[] for _ in rows]
+        self.active = list(range(len(rows)))  # original row of each batch position
+        self.cancelled: set[int] = set()
+
+    def cancel(self, row: int) -> None:
+        """Finish a row at the next step (its client went away)."""
+        self.cancelled.add(row)
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        tokens = logits.argmax(-1).tolist()
+        for position, row in enumerate(self.active):
+            config = self.rows[row].config
+            if config.do_sample:
+                tokens[position] = int(
+                    _sample_top_p(logits[position : position + 1], config.temperature, config.top_p, self.random)[0]
+                )
+        return tokens
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """Emit one token for every active row: (row, token, finished) per row."""
+        tokens = self._choose(self.backbone.logits(self.hidden).cpu())
+        emitted, keep = [], []
+        for position, (row, token) in enumerate(zip(self.active, tokens)):
+            self.generated[row].append(token)
+            config = self.rows[row].config
+            finished = row in self.cancelled or len(self.generated[row]) >= config.max_new_tokens or stopped(
+                self.backbone, self.generated[row], config.stop
+            )
+            emitted.append((row, token, finished))
+            if not finished:
+                keep.append(position)
+        if len(keep) < len(self.active):
+            if not keep:
+                self.active = []
+                return emitted
+            index = torch.tensor(keep)
+            self.out.context.select(index.to(self.backbone.device))
+            self.positions = self.positions[index]
+            self.active = [self.active[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+        else:
+            tokens = list(tokens)
+        self.hidden = next_hidden(self.backbone, self.out, torch.tensor(tokens), self.positions)
+        self.positions = self.positions + 1
+        return emitted
+
+    def text(self, row: int) -> str:
+        return answer_text(self.backbone, self.generated[row], self.rows[row].config.stop)

@@ -5,6 +5,12 @@ vectors. The constant prefix (soft tokens + fixed text before the first input fi
 with batch size one, and its key/value cache is shared by every row of a batch. In training the
 gradient flows back through that shared cache, so the soft prompt is still learned exactly, while
 each row only pays for its own tokens.
+
+A batch is a list of `Row`s, and each row brings its own prompted model and prefix: rows of
+different tasks (prompts, prefix lengths) run in one forward pass. Each row's prefix keys are
+right-padded to the longest prefix and its own tokens start at its own prefix length, so the
+position-based masks of `backbone.Layout` make every row see exactly what it would see alone. One
+task is the case where every row shares one prefix (its keys are then expanded, not copied).
 """
 
 from __future__ import annotations
@@ -26,12 +32,43 @@ class Prefix:
     kv: KeyValues | None
     length: int
 
-    def context_for(self, backbone: Backbone, batch: int) -> Context | None:
-        """The prefix as the starting context of a batch (its keys shared, not copied, per row)."""
-        if self.kv is None:
-            return None
-        cache = backbone.new_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.kv])
-        return Context(cache, Layout.of(torch.arange(self.length).unsqueeze(0)).expand(batch))
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv or [])
+
+
+EMPTY_PREFIX = Prefix(None, 0)
+
+
+def batch_context(backbone: Backbone, prefixes: list[Prefix]) -> Context | None:
+    """The prefixes of a batch's rows as its starting context. Rows that share a prefix share its
+    keys (expanded when there is one, gathered once per distinct prefix otherwise); shorter prefixes
+    are padded with keys that no query sees."""
+    distinct: dict[int, int] = {}
+    owner = [distinct.setdefault(id(p), len(distinct)) for p in prefixes]
+    unique = list({id(p): p for p in prefixes}.values())
+    width = max(p.length for p in unique)
+    if width == 0:
+        return None
+    batch = len(prefixes)
+    positions = torch.arange(width).unsqueeze(0)
+    if len(unique) == 1:
+        kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in unique[0].kv]
+        return Context(backbone.new_cache(kv), Layout.of(positions).expand(batch))
+    template = next(p.kv for p in unique if p.kv is not None)
+    index = torch.tensor(owner, device=template[0][0].device)
+    kv = []
+    for layer, (k0, v0) in enumerate(template):
+        keys, values = [], []
+        for p in unique:
+            k, v = p.kv[layer] if p.kv is not None else (k0[:, :, :0], v0[:, :, :0])
+            pad_to = (0, 0, 0, width - p.length)
+            keys.append(torch.nn.functional.pad(k, pad_to))
+            values.append(torch.nn.functional.pad(v, pad_to))
+        kv.append((torch.cat(keys).index_select(0, index), torch.cat(values).index_select(0, index)))
+    lengths = torch.tensor([prefixes[i].length for i in range(batch)])
+    real = positions < lengths.unsqueeze(1)
+    return Context(backbone.new_cache(kv), Layout.of(positions.expand(batch, -1), real))
 
 
 @dataclass
@@ -40,6 +77,7 @@ class RowsOutput:
     context: Context  # keys/values of prefix + rows, for continuing
     mask: torch.Tensor  # [B, S] 1 on real tokens
     lengths: torch.Tensor  # [B] real tokens per row
+    starts: torch.Tensor  # [B] each row's prefix length: the position of its first own token
 
 
 def pad(rows: list[list[int]], value: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,52 +114,80 @@ class PromptedLM:
 
     def run_prefix(self, prefix_ids: list[int]) -> Prefix:
         if not prefix_ids:
-            return Prefix(None, 0)
+            return EMPTY_PREFIX
         ids = torch.tensor([prefix_ids])
         layout = Layout.of(torch.arange(len(prefix_ids)).unsqueeze(0))
         _, context = self.backbone.run(self.splice(ids), layout)
         return Prefix([(layer.keys, layer.values) for layer in context.cache.layers], len(prefix_ids))
 
     def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> RowsOutput:
-        """Run each row after the shared prefix; rows are right-padded."""
-        ids, mask = pad(rows)
-        batch, width = ids.shape
-        positions = (prefix.length + torch.arange(width)).unsqueeze(0).expand(batch, -1)
-        hidden, context = self.backbone.run(
-            self.splice(ids), Layout.of(positions, mask), prefix.context_for(self.backbone, batch)
-        )
-        return RowsOutput(hidden, context, mask, mask.sum(1))
+        """Rows of this model only, all after one prefix: the one-task case of `run_rows`."""
+        return run_rows([Row(self, prefix, ids) for ids in rows])
 
-    def continuation_log_probs(
-        self, prefix: Prefix, out: RowsOutput, pairs: list[tuple[int, list[int]]]
-    ) -> torch.Tensor:
-        """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
 
-        All continuations of a row are packed into one sequence after that row's cache, each in a
-        group of its own: it sees the row and its own earlier tokens only, at position ids that
-        restart where the row ends. So the row's keys/values are never copied per continuation: with
-        77 labels that copy, not the arithmetic, was the cost. Consumes `out.context`. The first token
-        of each continuation is left out on purpose: callers score it from the slot's hidden state
-        with only the label rows of the output projection."""
-        batch = out.mask.shape[0]
-        inputs: list[list[int]] = [[] for _ in range(batch)]
-        targets: list[list[int]] = [[] for _ in range(batch)]
-        owner: list[list[int]] = [[] for _ in range(batch)]  # pair index of each packed token
-        offset: list[list[int]] = [[] for _ in range(batch)]  # position within its continuation
-        for index, (row, tokens) in enumerate(pairs):
-            inputs[row] += tokens[:-1]
-            targets[row] += tokens[1:]
-            owner[row] += [index] * (len(tokens) - 1)
-            offset[row] += list(range(len(tokens) - 1))
-        ids, real = pad(inputs)
-        target_ids, _ = pad(targets)
-        owners, _ = pad(owner, value=-1)
-        offsets, _ = pad(offset)
-        positions = prefix.length + out.lengths.unsqueeze(1) + offsets
-        hidden, _ = self.backbone.run(self.splice(ids), Layout.of(positions, real, owners), out.context)
-        flat = real.reshape(-1).bool().to(hidden.device)
-        logp = self.backbone.token_log_probs(
-            hidden.reshape(-1, hidden.shape[-1])[flat], target_ids.reshape(-1).to(hidden.device)[flat]
-        )
-        sums = torch.zeros(len(pairs), device=logp.device)
-        return sums.index_add(0, owners.reshape(-1)[flat.cpu()].to(logp.device), logp)
+@dataclass
+class Row:
+    """One row of a batch: the prompted model of its task, the prefix it follows and its own ids."""
+
+    lm: PromptedLM
+    prefix: Prefix
+    ids: list[int]
+
+
+def splice_rows(rows: list[Row], ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] ids -> embeddings, each row spliced with its own model's soft prompt."""
+    groups: dict[int, list[int]] = {}
+    for r, row in enumerate(rows):
+        groups.setdefault(id(row.lm), []).append(r)
+    if len(groups) == 1:
+        return rows[0].lm.splice(ids)
+    order = [r for members in groups.values() for r in members]
+    parts = [rows[members[0]].lm.splice(ids[members]) for members in groups.values()]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts).index_select(0, inverse.to(parts[0].device))
+
+
+def run_rows(rows: list[Row]) -> RowsOutput:
+    """Run each row after its own prefix; rows are right-padded and may belong to different tasks."""
+    backbone = rows[0].lm.backbone
+    ids, mask = pad([row.ids for row in rows])
+    starts = torch.tensor([row.prefix.length for row in rows])
+    positions = starts.unsqueeze(1) + torch.arange(ids.shape[1]).unsqueeze(0)
+    context = batch_context(backbone, [row.prefix for row in rows])
+    hidden, context = backbone.run(splice_rows(rows, ids), Layout.of(positions, mask), context)
+    return RowsOutput(hidden, context, mask, mask.sum(1), starts)
+
+
+def continuation_log_probs(backbone: Backbone, out: RowsOutput, pairs: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
+
+    All continuations of a row are packed into one sequence after that row's cache, each in a
+    group of its own: it sees the row and its own earlier tokens only, at position ids that
+    restart where the row ends. So the row's keys/values are never copied per continuation: with
+    77 labels that copy, not the arithmetic, was the cost. Consumes `out.context`. The first token
+    of each continuation is left out on purpose: callers score it from the slot's hidden state
+    with only the label rows of the output projection. Continuations hold real tokens only (soft
+    tokens never follow the answer slot), so no prompt is needed here."""
+    batch = out.mask.shape[0]
+    inputs: list[list[int]] = [[] for _ in range(batch)]
+    targets: list[list[int]] = [[] for _ in range(batch)]
+    owner: list[list[int]] = [[] for _ in range(batch)]  # pair index of each packed token
+    offset: list[list[int]] = [[] for _ in range(batch)]  # position within its continuation
+    for index, (row, tokens) in enumerate(pairs):
+        inputs[row] += tokens[:-1]
+        targets[row] += tokens[1:]
+        owner[row] += [index] * (len(tokens) - 1)
+        offset[row] += list(range(len(tokens) - 1))
+    ids, real = pad(inputs)
+    target_ids, _ = pad(targets)
+    owners, _ = pad(owner, value=-1)
+    offsets, _ = pad(offset)
+    positions = (out.starts + out.lengths).unsqueeze(1) + offsets
+    hidden, _ = backbone.run(backbone.embed(ids), Layout.of(positions, real, owners), out.context)
+    flat = real.reshape(-1).bool().to(hidden.device)
+    logp = backbone.token_log_probs(
+        hidden.reshape(-1, hidden.shape[-1])[flat], target_ids.reshape(-1).to(hidden.device)[flat]
+    )
+    sums = torch.zeros(len(pairs), device=logp.device)
+    return sums.index_add(0, owners.reshape(-1)[flat.cpu()].to(logp.device), logp)

@@ -63,3 +63,28 @@ def reference_label_scores(clf, encoded, row: int):
             logp = torch.log_softmax(backbone.logits(hidden[0]), -1)
             scores.append(sum(logp[len(context) - 1 + j, t] for j, t in enumerate(tokens)))
     return clf.choices.label_scores(torch.stack(scores).unsqueeze(0))[0]
+
+
+def write_run(folder, backbone, template: str, verbalizer=None, seed: int = 0, max_length: int = 128, generation=None):
+    """A run folder as `train` leaves it (task.json + prompt.safetensors), with a seeded vocab-init
+    prompt instead of a trained one: for tests of what uses runs (serving), not of training."""
+    from softprompt.artifact import RunInfo
+    from softprompt.prompt import init_prompt
+    from softprompt.template import Template
+
+    kind = "generation" if "{target}" in template else "classification"
+    parsed = Template.parse(template, slot="target" if kind == "generation" else "label")
+    folder.mkdir(parents=True, exist_ok=True)
+    init_prompt("vocab", parsed.soft_tokens, backbone, seed=seed).save(folder)
+    RunInfo(
+        kind=kind,
+        model=backbone.spec,
+        fingerprint=backbone.fingerprint,
+        template=template,
+        verbalizer=verbalizer,
+        generation=(generation or {"max_new_tokens": 8}) if kind == "generation" else None,
+        soft_tokens=parsed.soft_tokens,
+        max_length=max_length,
+        init="vocab",
+    ).write(folder)
+    return folder

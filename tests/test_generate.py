@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from softprompt.generate import DecodeConfig, Generator
+from softprompt.generate import DecodeConfig, Generator, answer_text, stopped
 from softprompt.prompt import init_prompt
 from softprompt.template import Template, TemplateError
 
@@ -151,8 +151,7 @@ def test_generation_templates_must_end_with_the_target(tiny_backbone):
 
 
 def test_a_leading_newline_does_not_trigger_a_newline_stop_string(tiny_backbone):
-    gen = make(tiny_backbone)
     tokens = tiny_backbone.tokenize("\ncode\nmore")
-    assert gen._text(tokens, ["\n"]) == "code"
-    assert not gen._stopped(tiny_backbone.tokenize("\n"), ["\n"])
-    assert gen._stopped(tokens, ["\n"])
+    assert answer_text(tiny_backbone, tokens, ["\n"]) == "code"
+    assert not stopped(tiny_backbone, tiny_backbone.tokenize("\n"), ["\n"])
+    assert stopped(tiny_backbone, tokens, ["\n"])
