@@ -388,6 +388,61 @@ def import_peft_cmd(
         )
 
 
+@app.command()
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="run folders to serve, each PATH or NAME=PATH (name: the folder's name)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    model: Annotated[Optional[str], typer.Option(help="the backbone (default: the first run's model)")] = None,
+    allow: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="folders runs may be loaded from at run time (POST /v1/tasks); repeatable; default: the current folder and the folders of the runs given"),
+    ] = None,
+    token: Annotated[Optional[str], typer.Option(help="require 'Authorization: Bearer TOKEN' on every route but /healthz", envvar="SOFTPROMPT_TOKEN")] = None,
+    cache_mb: Annotated[float, typer.Option(help="memory for the per-task prefix caches (LRU); 0 turns caching off")] = 512,
+    window_ms: Annotated[float, typer.Option(help="how long a request waits for others to share its batch")] = 5,
+    batch_rows: Annotated[int, typer.Option(help="rows per batch at most")] = 16,
+    batch_tasks: Annotated[int, typer.Option(help="distinct tasks per batch at most")] = 8,
+    queue_rows: Annotated[int, typer.Option(help="rows waiting at most; beyond, requests get 429")] = 256,
+    max_rows: Annotated[int, typer.Option(help="rows per request at most (413 beyond)")] = 64,
+    max_input_chars: Annotated[int, typer.Option(help="characters per input field at most (413 beyond)")] = 20_000,
+    max_new_tokens: Annotated[int, typer.Option(help="max_new_tokens a request may ask at most (422 beyond)")] = 512,
+) -> None:
+    """Serve many tuned prompts from one loaded model: HTTP API, OpenAI completions, web page at /."""
+    import uvicorn
+
+    from .serve.app import Limits, create_app
+    from .serve.bank import BankError, TaskBank
+    from .serve.scheduler import Scheduler
+    from .serve.telemetry import Telemetry
+
+    named = [(r.partition("=")[0], r.partition("=")[2]) if "=" in r else (Path(r).name, r) for r in runs]
+    names = [n for n, _ in named]
+    if len(set(names)) < len(names):
+        _fail(ValueError(f"two runs share a task name ({', '.join(names)}): name them with NAME=PATH"))
+    try:
+        from .artifact import RunInfo
+
+        spec = model or RunInfo.read(named[0][1]).model
+        with console.status(f"loading model {spec} ..."):
+            backbone = Backbone.load(spec)
+        roots = list(allow or []) or [Path.cwd(), *{Path(p).resolve().parent for _, p in named}]
+        bank = TaskBank(backbone, cache_mb=cache_mb, allow=roots)
+        for name, path in named:
+            task = bank.load(name, path)
+            console.print(f"task [bold]{name}[/] ({task.kind}) from {path}")
+    except (*USER_ERRORS, BankError) as err:
+        _fail(err)
+    telemetry = Telemetry()
+    scheduler = Scheduler(bank, telemetry, window_ms, batch_rows, batch_tasks, queue_rows).start()
+    limits = Limits(max_rows=max_rows, max_input_chars=max_input_chars, max_new_tokens=max_new_tokens)
+    console.print(f"serving {len(runs)} tasks on http://{host}:{port}/ (page at /, API under /v1)")
+    try:
+        uvicorn.run(create_app(bank, scheduler, limits, token), host=host, port=port, log_level="warning")
+    finally:
+        scheduler.stop()
+
+
 @app.command("model")
 def model_info(
     model: Annotated[

@@ -1,0 +1,242 @@
+"""The task bank: one frozen backbone, many tuned prompts, and an LRU of their prefix caches.
+
+A task is a run folder loaded onto the bank's backbone. Its constant prefix (soft tokens and fixed
+text before the first input field, a constant document included) is encoded once and its key/value
+states are reused by every request of that task. The cache is keyed by content (model fingerprint,
+prompt bytes, prefix ids), never by name, so a task reloaded with new weights cannot be served stale
+states. Rows of different tasks are answered in one forward pass (`classify`, `start_decoding`).
+
+    bank = TaskBank(Backbone.load())
+    bank.load("sentiment", "runs/sentiment"); bank.load("intent", "runs/intent")
+    bank.classify([("sentiment", {"text": "ótimo"}), ("intent", {"frase": "cancele meu pedido"})])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifact import ArtifactError, RunInfo, load_run
+from ..backbone import Backbone
+from ..classify import Classifier, LabelRow, label_scores
+from ..generate import DecodeConfig, Decoding, Generator, GenRow
+from ..prompted import Prefix
+from ..template import Encoded
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SERVABLE_METHODS = ("prompt",)  # methods whose artifact is a plain soft prompt on the unchanged model
+RUN_FILES = ("learning_curve.png", "confusion_matrix.png")  # figures the page may show
+
+
+class TaskNotFound(KeyError):
+    """No task of that name is loaded."""
+
+
+class BankError(ValueError):
+    """A task cannot be loaded (bad name, wrong model, bad artifact)."""
+
+
+class NotAllowed(BankError):
+    """The run folder lies outside the roots the server may load from."""
+
+
+@dataclass
+class ServedTask:
+    """A loaded run: its model (classifier or generator), what it says about itself, and the digest
+    of its prompt that keys its prefix cache."""
+
+    name: str
+    path: Path
+    info: RunInfo
+    model: Classifier | Generator
+    digest: str  # sha256 of the model fingerprint and the prompt's bytes
+    size_bytes: int  # prompt.safetensors on disk
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.model.labels if isinstance(self.model, Classifier) else None
+
+    def decode_config(self, **overrides) -> DecodeConfig:
+        """The run's own decoding settings (as `predict` uses them), with request overrides."""
+        gen = self.info.generation or {}
+        base = dict(max_new_tokens=gen.get("max_new_tokens", 128), num_beams=gen.get("num_beams", 1), stop=gen.get("stop", []))
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return DecodeConfig(**base)
+
+    def describe(self) -> dict:
+        """What GET /v1/tasks says of the task."""
+        metrics = self.info.metrics or {}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "labels": self.labels,
+            "template": self.info.template,
+            "fields": self.model.template.fields,
+            "soft_tokens": self.info.soft_tokens,
+            "max_length": self.info.max_length,
+            "model": self.info.model,
+            "size_bytes": self.size_bytes,
+            "metrics": {k: metrics[k] for k in ("dev", "dev_zero_shot", "validation", "best_step", "steps") if k in metrics},
+            "generation": self.info.generation if self.kind == "generation" else None,
+            "files": [f for f in RUN_FILES if (self.path / f).is_file()],
+        }
+
+
+class PrefixCache:
+    """Prefix key/value states by content key, least recently used evicted beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, Prefix] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: str, compute) -> Prefix:
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return self.entries[key]
+            self.misses += 1
+        prefix = compute()
+        if 0 < prefix.nbytes <= self.max_bytes:
+            with self.lock:
+                if key not in self.entries:
+                    self.entries[key] = prefix
+                    self.bytes += prefix.nbytes
+                while self.bytes > self.max_bytes:
+                    _, old = self.entries.popitem(last=False)
+                    self.bytes -= old.nbytes
+        return prefix
+
+
+@dataclass
+class Prepared:
+    """A task's rows rendered to ids, with their prefix (cached by content)."""
+
+    task: ServedTask
+    encoded: Encoded
+    prefix: Prefix
+    cut: list[int] = field(default_factory=list)  # input tokens cut per row to fit the run's max_length
+
+
+class TaskBank:
+    """Many runs on one backbone. Loading and unloading are safe while requests are served: a
+    request holds the `ServedTask` it resolved, so unloading only stops new requests."""
+
+    def __init__(self, backbone: Backbone, cache_mb: float = 512, allow: list[Path] | None = None) -> None:
+        self.backbone = backbone
+        self.cache = PrefixCache(int(cache_mb * 2**20))
+        self.allow = [Path(p).resolve() for p in (allow or [Path.cwd()])]
+        self.tasks: dict[str, ServedTask] = {}
+        self.lock = threading.Lock()
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def load(self, name: str, path: str | Path) -> ServedTask:
+        """Load (or replace) task `name` from run folder `path`; refuses with a message that says why."""
+        if not TASK_NAME.match(name):
+            raise BankError(f"task name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+        folder = self._allowed(Path(path))
+        try:
+            info = RunInfo.read(folder)
+        except ArtifactError as err:
+            raise BankError(str(err)) from err
+        if info.method not in SERVABLE_METHODS:
+            raise BankError(
+                f"{path}: a {info.method!r} run changes the model's weights, so it cannot share this server's "
+                "frozen model: serve it with its own server"
+            )
+        try:
+            model, info = load_run(folder, self.backbone)
+        except (ArtifactError, ValueError) as err:
+            raise BankError(str(err)) from err
+        prompt = model.lm.prompt
+        digest = hashlib.sha256(self.backbone.fingerprint.encode())
+        if prompt is not None:
+            digest.update(prompt.vectors.detach().float().cpu().contiguous().numpy().tobytes())
+        task = ServedTask(name, folder, info, model, digest.hexdigest(), (folder / "prompt.safetensors").stat().st_size)
+        with self.lock:
+            self.tasks[name] = task
+        return task
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            if self.tasks.pop(name, None) is None:
+                raise TaskNotFound(name)
+
+    def get(self, name: str) -> ServedTask:
+        with self.lock:
+            task = self.tasks.get(name)
+        if task is None:
+            raise TaskNotFound(name)
+        return task
+
+    def _allowed(self, path: Path) -> Path:
+        """The run folder, resolved (symlinks followed), if it lies inside an allowed root."""
+        resolved = path.expanduser().resolve()
+        if not any(resolved == root or root in resolved.parents for root in self.allow):
+            roots = ", ".join(map(str, self.allow))
+            raise NotAllowed(f"{path}: outside the allowed roots ({roots}); start the server with --allow to add one")
+        return resolved
+
+    # -- rows ------------------------------------------------------------------------------------
+    def prepare(self, task: ServedTask, rows: list[dict[str, str]]) -> Prepared:
+        """Render rows through the task's template; the prefix comes from the cache."""
+        encoded = task.model.template.encode(
+            rows, self.backbone.tokenize_many, task.model.max_length, self.backbone.bos_ids
+        )
+        return Prepared(task, encoded, self.prefix(task, encoded.prefix), encoded.cut)
+
+    def prefix(self, task: ServedTask, prefix_ids: list[int]) -> Prefix:
+        key = hashlib.sha256(f"{task.digest}|{prefix_ids}".encode()).hexdigest()
+        if self.cache.max_bytes <= 0:
+            return task.model.lm.run_prefix(prefix_ids)
+        return self.cache.get(key, lambda: task.model.lm.run_prefix(prefix_ids))
+
+    @torch.inference_mode()
+    def classify_prepared(self, batch: list[Prepared]) -> list[torch.Tensor]:
+        """Label probabilities of every row of every prepared request, as one batch."""
+        rows = [
+            LabelRow(p.task.model, p.prefix, body, after)
+            for p in batch
+            for body, after in zip(p.encoded.bodies, p.encoded.afters)
+        ]
+        return [torch.softmax(s.float(), -1).cpu() for s in label_scores(rows)]
+
+    def classify(self, items: list[tuple[str, dict[str, str]]]) -> list[dict]:
+        """(task, row) pairs, possibly of different tasks -> label and probabilities per row."""
+        prepared = [self.prepare(self.get(name), [row]) for name, row in items]
+        out = []
+        for p, probs in zip(prepared, self.classify_prepared(prepared)):
+            labels = p.task.labels or []
+            out.append({"label": labels[int(probs.argmax())], "probabilities": dict(zip(labels, map(float, probs)))})
+        return out
+
+    @torch.inference_mode()
+    def start_decoding(self, batch: list[tuple[Prepared, DecodeConfig]]) -> Decoding:
+        """One `Decoding` over every row of every prepared request (each with its own settings)."""
+        rows = [
+            GenRow(p.task.model, p.prefix, body, config) for p, config in batch for body in p.encoded.bodies
+        ]
+        return Decoding(rows)
+
+    @torch.inference_mode()
+    def generate(self, items: list[tuple[str, dict[str, str]]], **overrides) -> list[str]:
+        """(task, row) pairs, possibly of different tasks -> each row's greedy (or sampled) answer."""
+        batch = [(self.prepare(self.get(name), [row]), self.get(name).decode_config(**overrides)) for name, row in items]
+        decoding = self.start_decoding(batch)
+        while not decoding.done:
+            decoding.step()
+        return [decoding.text(r) for r in range(len(items))]

@@ -1,0 +1,251 @@
+"""The request scheduler: one worker thread owns the model and gathers requests into batches.
+
+Concurrent requests wait up to `window_ms` to be gathered (at most `max_rows` rows and
+`max_tasks` distinct tasks per batch), then run as one batch, rows of different tasks together.
+Generation runs one token per step; between two steps the worker first answers every waiting
+classification request, then starts waiting generations as a new decoding. So a short
+classification waits at most one decoding step behind a long generation, never for the whole
+answer. Beam search (a task trained with num_beams > 1) runs whole, as its own batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import DecodeConfig, Decoding, answer_text
+from .bank import Prepared, ServedTask, TaskBank
+from .telemetry import Telemetry
+
+
+class QueueFull(RuntimeError):
+    """More rows are waiting than the server accepts."""
+
+
+@dataclass
+class Job:
+    """One request: its prepared rows and what to do with the answers."""
+
+    kind: str  # classify | generate
+    task: ServedTask
+    inputs: list[dict[str, str]]
+    config: DecodeConfig | None = None
+    on_token: Callable[[int, str], None] | None = None  # (row, text piece), while decoding
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # the client went away: stop spending compute on it
+    prepared: Prepared | None = None  # rendered by the worker (a prefix may need the model)
+
+    @property
+    def rows(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class _Running:
+    """A decoding in progress and, for each of its rows, the job and that job's row index."""
+
+    decoding: Decoding
+    owners: list[tuple[Job, int]]
+    texts: list[str]  # text streamed so far per decoding row
+    left: dict[int, int]  # id(job) -> rows still decoding
+
+
+class Scheduler:
+    def __init__(
+        self,
+        bank: TaskBank,
+        telemetry: Telemetry,
+        window_ms: float = 5.0,
+        max_rows: int = 16,
+        max_tasks: int = 8,
+        max_queue_rows: int = 256,
+        max_decodings: int = 4,
+    ) -> None:
+        self.bank = bank
+        self.telemetry = telemetry
+        self.window = window_ms / 1000
+        self.max_rows = max_rows
+        self.max_tasks = max_tasks
+        self.max_queue_rows = max_queue_rows
+        self.max_decodings = max_decodings
+        self.classify_queue: deque[Job] = deque()
+        self.generate_queue: deque[Job] = deque()
+        self.running: list[_Running] = []
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="softprompt-scheduler", daemon=True)
+        self._in_hand: list[Job] = []  # the jobs of the batch being run, failed together if it fails
+
+    def start(self) -> Scheduler:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+
+    # -- submitting ----------------------------------------------------------------------------
+    def queued_rows(self) -> int:
+        return sum(j.rows for j in self.classify_queue) + sum(j.rows for j in self.generate_queue)
+
+    def submit(self, job: Job) -> Future:
+        with self.wake:
+            waiting = self.queued_rows()
+            if waiting + job.rows > self.max_queue_rows:
+                raise QueueFull(
+                    f"{waiting} rows are already waiting (limit {self.max_queue_rows}): retry shortly"
+                )
+            (self.classify_queue if job.kind == "classify" else self.generate_queue).append(job)
+            self.telemetry.queue_rows.set(self.queued_rows())
+            self.wake.notify()
+        return job.future
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wake:
+                while not (self.stopping or self.classify_queue or self.generate_queue or self.running):
+                    self.wake.wait()
+                if self.stopping:
+                    break
+            self._gather_window()
+            self._guard(self._classify_waiting)
+            self._guard(self._start_waiting_generations)
+            self._guard(self._step_decodings)
+        for job in list(self.classify_queue) + list(self.generate_queue):
+            job.future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        """A failure fails the jobs it touched, never the worker."""
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - the worker must outlive any one bad batch
+            for job in self._in_hand:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            if work == self._step_decodings:
+                self.running = []
+        finally:
+            self._in_hand = []
+
+    def _gather_window(self) -> None:
+        """With nothing decoding, wait up to the window for more requests to join the batch."""
+        if self.running or self.window <= 0:
+            return
+        deadline = time.perf_counter() + self.window
+        with self.wake:
+            while self.queued_rows() < self.max_rows and not self.stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                self.wake.wait(left)
+
+    def _take(self, queue: deque[Job]) -> list[Job]:
+        """Jobs from the front of a queue, up to max_rows rows and max_tasks distinct tasks (a job
+        larger than max_rows still goes, alone)."""
+        taken: list[Job] = []
+        rows, tasks = 0, set()
+        with self.wake:
+            while queue:
+                job = queue[0]
+                if job.cancelled:
+                    queue.popleft()
+                    job.future.cancel()
+                    continue
+                more_tasks = tasks | {job.task.digest}
+                if taken and (rows + job.rows > self.max_rows or len(more_tasks) > self.max_tasks):
+                    break
+                taken.append(queue.popleft())
+                rows, tasks = rows + job.rows, more_tasks
+            self.telemetry.queue_rows.set(self.queued_rows())
+        now = time.perf_counter()
+        for job in taken:
+            self.telemetry.queue_wait.observe(now - job.enqueued)
+        if taken:
+            self.telemetry.batch_rows.observe(rows)
+            self.telemetry.batch_tasks.observe(len(tasks))
+        return taken
+
+    def _classify_waiting(self) -> None:
+        while self.classify_queue:
+            jobs = self._in_hand = self._take(self.classify_queue)
+            if not jobs:
+                return
+            for job in jobs:
+                job.prepared = self.bank.prepare(job.task, job.inputs)
+            probs = self.bank.classify_prepared([j.prepared for j in jobs])
+            start = 0
+            for job in jobs:
+                job.future.set_result(probs[start : start + job.rows])
+                start += job.rows
+
+    def _start_waiting_generations(self) -> None:
+        if len(self.running) >= self.max_decodings or not self.generate_queue:
+            return
+        jobs = self._in_hand = self._take(self.generate_queue)
+        for job in jobs:
+            job.prepared = self.bank.prepare(job.task, job.inputs)
+        beams = [j for j in jobs if j.config.num_beams > 1]
+        for job in beams:
+            tokens = job.prepared.task.model.beam_search(job.prepared.prefix, job.prepared.encoded.bodies, job.config)
+            texts = [answer_text(self.bank.backbone, t, job.config.stop) for t in tokens]
+            for row, text in enumerate(texts):
+                if job.on_token:
+                    job.on_token(row, text)
+            job.future.set_result([_answer(job, r, t, k) for r, (t, k) in enumerate(zip(texts, tokens))])
+        plain = [j for j in jobs if j.config.num_beams <= 1]
+        if not plain:
+            return
+        decoding = self.bank.start_decoding([(j.prepared, j.config) for j in plain])
+        owners = [(job, row) for job in plain for row in range(job.rows)]
+        self.running.append(_Running(decoding, owners, [""] * len(owners), {id(j): j.rows for j in plain}))
+
+    def _step_decodings(self) -> None:
+        for run in list(self.running):
+            self._in_hand = list({id(j): j for j, _ in run.owners}.values())
+            for row, (job, _) in enumerate(run.owners):
+                if job.cancelled and row in run.decoding.active:
+                    run.decoding.cancel(row)
+            for row, _token, finished in run.decoding.step():
+                self._emit(run, row, finished)
+            if run.decoding.done:
+                self.running.remove(run)
+
+    def _emit(self, run: _Running, row: int, finished: bool) -> None:
+        """Stream the new text of a decoding row; complete its job when its last row finishes."""
+        job, index = run.owners[row]
+        text = run.decoding.text(row)
+        if text.endswith("\ufffd") and not finished:
+            return  # a character split across tokens: send it whole with the next token
+        if job.on_token and not job.cancelled and text != run.texts[row] and text.startswith(run.texts[row]):
+            job.on_token(index, text[len(run.texts[row]) :])
+        run.texts[row] = text
+        if not finished:
+            return
+        run.left[id(job)] -= 1
+        if run.left[id(job)] == 0 and not job.future.done():
+            rows = [(r, i) for r, (j, i) in enumerate(run.owners) if j is job]
+            job.future.set_result([_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows])
+
+
+def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:
+    """One generated row as the API returns it; finish_reason as OpenAI says it ("length" when the
+    answer ran into max_new_tokens)."""
+    prepared = job.prepared
+    return {
+        "text": text,
+        "tokens": len(tokens),
+        "prompt_tokens": prepared.prefix.length + len(prepared.encoded.bodies[row]),
+        "cut": prepared.cut[row],
+        "finish_reason": "length" if len(tokens) >= job.config.max_new_tokens else "stop",
+    }
