@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 
 from .backbone import Backbone
 from .classify import Classifier
@@ -126,7 +127,7 @@ def _load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftProm
         prompt = SoftPrompt.load(run)
     except FileNotFoundError as err:
         raise ArtifactError(f"{path}: file not found") from err
-    except (KeyError, OSError, ValueError, RuntimeError) as err:
+    except (KeyError, OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ArtifactError(f"{path}: not a softprompt prompt file (a safetensors file with a tensor 'prompt'): {err}") from err
     expected = (info.soft_tokens, backbone.hidden_size)
     if tuple(prompt.vectors.shape) != expected:

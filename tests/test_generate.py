@@ -64,7 +64,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_backbone
     rows = gen.encode(ROWS[:1])
     prefix = gen.lm.run_prefix(rows.encoded.prefix)
     greedy = gen._sample(prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5), None)[0]
-    beam = gen._beam_search(
+    beam = gen.beam_search(
         prefix, rows.encoded.bodies, DecodeConfig(max_new_tokens=5, num_beams=4, length_penalty=0)
     )[0]
 

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bank import RUN_FILES, BankError, NotAllowed, ServedTask, TaskBank, TaskNotFound
 from .scheduler import Job, QueueFull, Scheduler
@@ -91,10 +92,22 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
 
     guard = [Depends(authorized)]
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        kinds = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "too_large", 422: "invalid_request", 429: "overloaded"}
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404/405
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kinds = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+            422: "invalid_request",
+            429: "overloaded",
+        }
         return _error(err.status_code, str(err.detail), kinds.get(err.status_code, "error"))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception) -> JSONResponse:
+        return _error(500, f"the server failed on this request: {err}", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -140,11 +153,14 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         if n is not None and n > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {n} is above this server's limit of {limits.max_new_tokens}")
 
-    async def run(job: Job):
+    def submit(job: Job):
         try:
-            future = scheduler.submit(job)
+            return scheduler.submit(job)
         except QueueFull as err:
             raise HTTPException(429, str(err)) from None
+
+    async def run(job: Job):
+        future = submit(job)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -184,14 +200,11 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         config.max_new_tokens = min(config.max_new_tokens, limits.max_new_tokens)
         return Job("generate", task, inputs, config, on_token)
 
-    async def stream(job: Job, events: asyncio.Queue, shape) -> AsyncIterator[str]:
-        """Server-sent events: each text piece as it is decoded, then the results, then [DONE]."""
-        try:
-            future = scheduler.submit(job)
-        except QueueFull as err:
-            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'overloaded', 'code': 429}})}\n\n"
-            return
+    async def stream(job: Job, future, events: asyncio.Queue, shape) -> AsyncIterator[str]:
+        """Server-sent events: each text piece as it is decoded, then the results, then [DONE]. The
+        job is submitted before the response starts, so a full queue still answers 429."""
         waiter = asyncio.ensure_future(asyncio.wrap_future(future))
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -214,6 +227,8 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         finally:
             job.cancelled = True  # a no-op when finished; stops the decoding when the client left
             waiter.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def streaming_job(task, inputs, max_new_tokens, temperature, top_p, stop=None):
         loop = asyncio.get_running_loop()
@@ -222,7 +237,8 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         def on_token(row: int, piece: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (row, piece))
 
-        return generation_job(task, inputs, max_new_tokens, temperature, top_p, stop, on_token), events
+        job = generation_job(task, inputs, max_new_tokens, temperature, top_p, stop, on_token)
+        return job, submit(job), events
 
     # -- softprompt's routes ---------------------------------------------------------------------
     @app.get("/healthz")
@@ -274,7 +290,7 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
             results = await run(job)
             count(task, len(request.inputs))
             return {"task": task.name, "results": results}
-        job, events = streaming_job(*args)
+        job, future, events = streaming_job(*args)
 
         def shape(event, results) -> str:
             if results is not None:
@@ -282,7 +298,7 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
             row, piece = event
             return f"data: {json.dumps({'index': row, 'text': piece})}\n\n"
 
-        return StreamingResponse(stream(job, events, shape), media_type="text/event-stream")
+        return StreamingResponse(stream(job, future, events, shape), media_type="text/event-stream")
 
     # -- the OpenAI shape ------------------------------------------------------------------------
     @app.get("/v1/models", dependencies=guard)
@@ -299,6 +315,8 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         if len(fields) != 1:
             raise HTTPException(422, f"task {task.name!r} reads fields {fields}; prompt fills one field: use /v1/classify or /v1/generate")
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts:  # no rows: a job without rows would fail (or hang) the batch it joins
+            raise HTTPException(422, "prompt: an empty list; give a string or a list of strings")
         inputs = [{fields[0]: p} for p in prompts]
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": task.name}
@@ -321,7 +339,7 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
             choices = [choice(i, r["text"], r["finish_reason"]) for i, r in enumerate(results)]
             used = sum(r["tokens"] for r in results)
             return {**base, "object": "text_completion", "choices": choices, "usage": _usage(sum(r["prompt_tokens"] for r in results), used)}
-        job, events = streaming_job(*args)
+        job, future, events = streaming_job(*args)
 
         def shape(event, results) -> str:
             if results is not None:
@@ -330,7 +348,7 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
                 chunk = [choice(event[0], event[1], None)]
             return f"data: {json.dumps({**base, 'object': 'text_completion', 'choices': chunk})}\n\n"
 
-        return StreamingResponse(stream(job, events, shape), media_type="text/event-stream")
+        return StreamingResponse(stream(job, future, events, shape), media_type="text/event-stream")
 
     # -- operations and the page -----------------------------------------------------------------
     @app.get("/metrics", dependencies=guard)

@@ -146,7 +146,7 @@ class TaskBank:
     # -- tasks ---------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> ServedTask:
         """Load (or replace) task `name` from run folder `path`; refuses with a message that says why."""
-        if not TASK_NAME.match(name):
+        if not TASK_NAME.fullmatch(name):  # match() would let "$" pass a trailing newline
             raise BankError(f"task name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
         folder = self._allowed(Path(path))
         try:

@@ -122,8 +122,10 @@ class Scheduler:
             self._guard(self._classify_waiting)
             self._guard(self._start_waiting_generations)
             self._guard(self._step_decodings)
-        for job in list(self.classify_queue) + list(self.generate_queue):
-            job.future.set_exception(RuntimeError("the server is shutting down"))
+        decoding = [job for run in self.running for job, _ in run.owners]
+        for job in list(self.classify_queue) + list(self.generate_queue) + decoding:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
 
     def _guard(self, work: Callable[[], None]) -> None:
         """A failure fails the jobs it touched, never the worker."""
@@ -133,8 +135,9 @@ class Scheduler:
             for job in self._in_hand:
                 if not job.future.done():
                     job.future.set_exception(err)
-            if work == self._step_decodings:
-                self.running = []
+            if work == self._step_decodings:  # drop the decoding that failed; the others go on
+                failed = {id(job) for job in self._in_hand}
+                self.running = [r for r in self.running if not any(id(j) in failed for j, _ in r.owners)]
         finally:
             self._in_hand = []
 
@@ -165,7 +168,12 @@ class Scheduler:
                 more_tasks = tasks | {job.task.digest}
                 if taken and (rows + job.rows > self.max_rows or len(more_tasks) > self.max_tasks):
                     break
-                taken.append(queue.popleft())
+                queue.popleft()
+                # Running, its future can no longer be cancelled (a client leaving cancels it), so
+                # answering it cannot raise and fail the rest of its batch; job.cancelled still stops it.
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                taken.append(job)
                 rows, tasks = rows + job.rows, more_tasks
             self.telemetry.queue_rows.set(self.queued_rows())
         now = time.perf_counter()
@@ -177,10 +185,14 @@ class Scheduler:
         return taken
 
     def _classify_waiting(self) -> None:
-        while self.classify_queue:
+        # Only the jobs waiting now: ones that arrive meanwhile wait for the next round, or a steady
+        # stream of classifications would starve the decodings (and the waiting generations).
+        waiting = len(self.classify_queue)
+        while waiting > 0 and self.classify_queue:
             jobs = self._in_hand = self._take(self.classify_queue)
             if not jobs:
                 return
+            waiting -= len(jobs)
             for job in jobs:
                 job.prepared = self.bank.prepare(job.task, job.inputs)
             probs = self.bank.classify_prepared([j.prepared for j in jobs])
@@ -225,8 +237,10 @@ class Scheduler:
         """Stream the new text of a decoding row; complete its job when its last row finishes."""
         job, index = run.owners[row]
         text = run.decoding.text(row)
-        if text.endswith("\ufffd") and not finished:
-            return  # a character split across tokens: send it whole with the next token
+        if not finished:
+            if text.endswith("\ufffd"):
+                return  # a character split across tokens: send it whole with the next token
+            text = text[: len(text) - _stop_start(text, job.config.stop)]
         if job.on_token and not job.cancelled and text != run.texts[row] and text.startswith(run.texts[row]):
             job.on_token(index, text[len(run.texts[row]) :])
         run.texts[row] = text
@@ -249,3 +263,9 @@ def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:
         "cut": prepared.cut[row],
         "finish_reason": "length" if len(tokens) >= job.config.max_new_tokens else "stop",
     }
+
+
+def _stop_start(text: str, stop: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string: they are held
+    back while streaming, since the final answer cuts a stop string once it is complete."""
+    return max((k for marker in stop for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
