@@ -19,7 +19,7 @@ import torch
 
 from .backbone import Backbone
 from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM, Row, continuation_log_probs, run_rows
+from .prompted import Prefix, PromptedLM, Row, run_rows
 from .template import Encoded, Template
 from .verbalizer import Choices, Verbalizer
 
@@ -123,10 +123,32 @@ class LabelRow:
 
 def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
     """Each row's [L] label scores (log of mean word probability, up to a per-row constant); the
-    rows may belong to different tasks (prompts, templates, verbalizers) and run as one batch."""
+    rows may belong to different tasks (prompts, templates, verbalizers) and run as one batch.
+
+    One forward pass per batch: after each row's own tokens come, packed, the tokens that score
+    its multi-token words (a word's later tokens, and the input that follows a label slot), each
+    word in a group of its own that sees the row and its own earlier tokens only, at the positions
+    it would have right after the row. The first token of every word is read at the row's last
+    token from the label rows of the output projection only."""
     backbone = rows[0].classifier.backbone
-    out = run_rows([Row(r.classifier.lm, r.prefix, r.body) for r in rows])
-    slot_hidden = out.hidden[torch.arange(len(rows)), (out.lengths - 1).to(out.hidden.device)]
+    pairs = [(r, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
+    packed = [Row(row.classifier.lm, row.prefix, list(row.body)) for row in rows]
+    for row in packed:
+        row.offsets, row.groups = list(range(len(row.ids))), [-1] * len(row.ids)
+    where: list[tuple[int, int]] = []  # (row, column) of each packed token that predicts a target
+    targets, owners = [], []
+    for index, (r, tokens) in enumerate(pairs):
+        row, body = packed[r], len(rows[r].body)
+        for k, token in enumerate(tokens[:-1]):
+            where.append((r, len(row.ids)))
+            row.ids.append(token)
+            row.offsets.append(body + k)
+            row.groups.append(index)
+        targets += tokens[1:]
+        owners += [index] * (len(tokens) - 1)
+    out = run_rows(packed)
+    bodies = torch.tensor([len(row.body) for row in rows])
+    slot_hidden = out.hidden[torch.arange(len(rows)), (bodies - 1).to(out.hidden.device)]
     groups: dict[int, list[int]] = {}
     for r, row in enumerate(rows):
         groups.setdefault(id(row.classifier), []).append(r)
@@ -136,12 +158,11 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
         logits = backbone.logits_for(slot_hidden[members], choices.first_ids)
         for r, scores in zip(members, logits):
             first[r] = scores
-    pairs = [(r, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
     flat = torch.cat(first)  # choice scores of every row, in pair order
-    needs_more = [i for i, (_, tokens) in enumerate(pairs) if len(tokens) > 1]
-    if needs_more:
-        rest = continuation_log_probs(backbone, out, [pairs[i] for i in needs_more])
-        flat = flat.index_add(0, torch.tensor(needs_more, device=rest.device), rest)
+    if where:
+        at = torch.tensor(where).to(out.hidden.device)
+        logp = backbone.token_log_probs(out.hidden[at[:, 0], at[:, 1]], torch.tensor(targets))
+        flat = flat.index_add(0, torch.tensor(owners, device=logp.device), logp)
     per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
     result: list[torch.Tensor] = list(per_row)
     for members in groups.values():

@@ -132,6 +132,11 @@ class Row:
     lm: PromptedLM
     prefix: Prefix
     ids: list[int]
+    # A packed row (several continuations of one text in one sequence) says where each token sits
+    # after the prefix (default 0, 1, 2, ...) and its group (default -1: seen by every later token of
+    # the row; k >= 0: seen only by later tokens of group k).
+    offsets: list[int] | None = None
+    groups: list[int] | None = None
 
 
 def splice_rows(rows: list[Row], ids: torch.Tensor) -> torch.Tensor:
@@ -153,41 +158,9 @@ def run_rows(rows: list[Row]) -> RowsOutput:
     backbone = rows[0].lm.backbone
     ids, mask = pad([row.ids for row in rows])
     starts = torch.tensor([row.prefix.length for row in rows])
-    positions = starts.unsqueeze(1) + torch.arange(ids.shape[1]).unsqueeze(0)
+    offsets, _ = pad([row.offsets if row.offsets is not None else list(range(len(row.ids))) for row in rows])
+    groups, _ = pad([row.groups if row.groups is not None else [-1] * len(row.ids) for row in rows], value=-1)
+    layout = Layout.of(starts.unsqueeze(1) + offsets, mask, groups)
     context = batch_context(backbone, [row.prefix for row in rows])
-    hidden, context = backbone.run(splice_rows(rows, ids), Layout.of(positions, mask), context)
+    hidden, context = backbone.run(splice_rows(rows, ids), layout, context)
     return RowsOutput(hidden, context, mask, mask.sum(1), starts)
-
-
-def continuation_log_probs(backbone: Backbone, out: RowsOutput, pairs: list[tuple[int, list[int]]]) -> torch.Tensor:
-    """Teacher-forced log p(tokens[1:]) of each (row, tokens) continuation, after that row.
-
-    All continuations of a row are packed into one sequence after that row's cache, each in a
-    group of its own: it sees the row and its own earlier tokens only, at position ids that
-    restart where the row ends. So the row's keys/values are never copied per continuation: with
-    77 labels that copy, not the arithmetic, was the cost. Consumes `out.context`. The first token
-    of each continuation is left out on purpose: callers score it from the slot's hidden state
-    with only the label rows of the output projection. Continuations hold real tokens only (soft
-    tokens never follow the answer slot), so no prompt is needed here."""
-    batch = out.mask.shape[0]
-    inputs: list[list[int]] = [[] for _ in range(batch)]
-    targets: list[list[int]] = [[] for _ in range(batch)]
-    owner: list[list[int]] = [[] for _ in range(batch)]  # pair index of each packed token
-    offset: list[list[int]] = [[] for _ in range(batch)]  # position within its continuation
-    for index, (row, tokens) in enumerate(pairs):
-        inputs[row] += tokens[:-1]
-        targets[row] += tokens[1:]
-        owner[row] += [index] * (len(tokens) - 1)
-        offset[row] += list(range(len(tokens) - 1))
-    ids, real = pad(inputs)
-    target_ids, _ = pad(targets)
-    owners, _ = pad(owner, value=-1)
-    offsets, _ = pad(offset)
-    positions = (out.starts + out.lengths).unsqueeze(1) + offsets
-    hidden, _ = backbone.run(backbone.embed(ids), Layout.of(positions, real, owners), out.context)
-    flat = real.reshape(-1).bool().to(hidden.device)
-    logp = backbone.token_log_probs(
-        hidden.reshape(-1, hidden.shape[-1])[flat], target_ids.reshape(-1).to(hidden.device)[flat]
-    )
-    sums = torch.zeros(len(pairs), device=logp.device)
-    return sums.index_add(0, owners.reshape(-1)[flat.cpu()].to(logp.device), logp)
