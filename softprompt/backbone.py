@@ -289,6 +289,31 @@ class Context:
         self.layout = self.layout.repeat_interleave(n)
 
 
+def join_contexts(contexts: list[Context]) -> Context:
+    """The rows of several contexts as one batch (decoding rows that join a running decoding): keys
+    are padded to the longest context with keys that no query sees."""
+    width = max(c.layout.positions.shape[1] for c in contexts)
+
+    def padded(t: torch.Tensor, value) -> torch.Tensor:
+        fill = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        return torch.cat([t, fill], dim=1)
+
+    kv = []
+    for layer in range(len(contexts[0].cache.layers)):
+        keys, values = [], []
+        for c in contexts:
+            k, v = c.cache.layers[layer].keys, c.cache.layers[layer].values
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[2])))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[2])))
+        kv.append((torch.cat(keys), torch.cat(values)))
+    layout = Layout(
+        torch.cat([padded(c.layout.positions, 0) for c in contexts]),
+        torch.cat([padded(c.layout.real, False) for c in contexts]),
+        torch.cat([padded(c.layout.groups, -1) for c in contexts]),
+    )
+    return Context(DynamicCache(ddp_cache_data=kv), layout)
+
+
 class Backbone:
     """A frozen causal LM with the operations prompt tuning needs."""
 

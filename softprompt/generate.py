@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone, Layout
+from .backbone import Backbone, Layout, join_contexts
 from .prompt import SoftPrompt
 from .prompted import Prefix, PromptedLM, Row, RowsOutput, run_rows
 from .template import Encoded, Template
@@ -211,7 +211,7 @@ def stopped(backbone: Backbone, tokens: list[int], stop: list[str]) -> bool:
 
 
 def next_hidden(backbone: Backbone, out: RowsOutput, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Feed one new token per row at its own position; returns the new hidden states."""
+    """Feed one new token per row at its own position (growing `out.context`); returns the new hidden states."""
     hidden, out.context = backbone.run(
         backbone.embed(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), out.context
     )
@@ -232,23 +232,40 @@ class Decoding:
     """Greedy or sampled decoding of rows that may belong to different tasks, one token per step.
 
     Each row stops on its own (end marker, its stop strings, its max_new_tokens) and then leaves the
-    batch and its cache, so the remaining rows do not pay for it."""
+    batch and its cache, so the remaining rows do not pay for it; new rows may join between steps
+    (`add`), so a server keeps its batch full whatever lengths its answers have."""
 
     def __init__(self, rows: list[GenRow], generator: torch.Generator | None = None) -> None:
-        self.rows = rows
         self.backbone = rows[0].generator.backbone
         self.random = generator if generator is not None else torch.Generator().manual_seed(rows[0].config.seed)
-        self.out = run_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
-        last = (self.out.lengths - 1).to(self.out.hidden.device)
-        self.hidden = self.out.hidden[torch.arange(len(rows)), last]
-        self.positions = self.out.starts + self.out.lengths
-        self.generated: list[list[int]] = [[] for _ in rows]
-        self.active = list(range(len(rows)))  # original row of each batch position
+        self.rows: list[GenRow | None] = []  # None once released
+        self.generated: list[list[int]] = []
+        self.active: list[int] = []  # original row of each batch position
         self.cancelled: set[int] = set()
+        self.add(rows)
+
+    def add(self, rows: list[GenRow]) -> None:
+        """Run the new rows' prompts; from the next step they decode with the others."""
+        out = run_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
+        last = (out.lengths - 1).to(out.hidden.device)
+        hidden = out.hidden[torch.arange(len(rows)), last]
+        positions = out.starts + out.lengths
+        if self.active:
+            out.context = join_contexts([self.out.context, out.context])
+            hidden, positions = torch.cat([self.hidden, hidden]), torch.cat([self.positions, positions])
+        self.out, self.hidden, self.positions = out, hidden, positions
+        self.active += range(len(self.rows), len(self.rows) + len(rows))
+        self.rows += rows
+        self.generated += [[] for _ in rows]
 
     def cancel(self, row: int) -> None:
         """Finish a row at the next step (its client went away)."""
         self.cancelled.add(row)
+
+    def release(self, row: int) -> None:
+        """Forget a finished row's answer and prompt (its prefix states included), once read."""
+        assert row not in self.active, "only a finished row can be released"
+        self.rows[row], self.generated[row] = None, []
 
     @property
     def done(self) -> bool:

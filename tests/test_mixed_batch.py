@@ -109,3 +109,17 @@ def test_batch_generation_is_the_one_task_case_of_the_mixed_decoding(tiny_backbo
     gen = Generator(tiny_backbone, t, init_prompt("vocab", t.soft_tokens, tiny_backbone, seed=6))
     tokens = gen.generate_tokens(gen.encode([{"input": x} for x in TEXTS]), config, batch_size=batch_size)
     assert tokens == [_decode([r])[0] for r in _gen_rows(tiny_backbone)[4:8]]
+
+
+@torch.no_grad()
+def test_rows_that_join_a_running_decoding_decode_as_they_would_alone(any_backbone):
+    rows = _gen_rows(any_backbone)
+    decoding = Decoding(rows[:4])
+    for _ in range(3):
+        decoding.step()
+    decoding.add(rows[4:9])  # other tasks, other prompt lengths, while the first rows are mid-answer
+    decoding.step()
+    decoding.add(rows[9:])
+    while not decoding.done:
+        decoding.step()
+    assert decoding.generated == [_decode([row])[0] for row in rows]

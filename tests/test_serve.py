@@ -634,12 +634,20 @@ def test_a_steady_stream_of_classifications_does_not_starve_a_generation(bank, m
 
 # -- 7. clients that go away, failures that must stay local -----------------------------------------
 def test_a_client_leaving_mid_stream_stops_its_decoding_and_the_server_goes_on(client, bank, monkeypatch):
-    decodings = []
+    decodings, answered = [], []
     start = bank.start_decoding
 
     def spy(batch):
-        decodings.append(start(batch))
-        return decodings[-1]
+        decoding = start(batch)
+        release = decoding.release
+
+        def record(row):  # the row's answer length, before the decoding forgets it
+            answered.append(len(decoding.generated[row]))
+            release(row)
+
+        decoding.release = record
+        decodings.append(decoding)
+        return decoding
 
     monkeypatch.setattr(bank, "start_decoding", spy)
     body = {"task": "summ", "inputs": [{"input": CODE[0]}], "max_new_tokens": 1500, "stream": True}
@@ -648,7 +656,7 @@ def test_a_client_leaving_mid_stream_stops_its_decoding_and_the_server_goes_on(c
     assert json.loads(first[len("data: ") :])["index"] == 0
     decoding = decodings[-1]
     wait_until(lambda: decoding.done, "the left stream's decoding to end")
-    assert decoding.cancelled == {0} and len(decoding.generated[0]) < 1500
+    assert decoding.cancelled == {0} and answered and answered[0] < 1500
     assert [r["text"] for r in generate(client, "summ", CODE).json()["results"]] == direct_texts(
         bank, "summ", CODE
     )
@@ -697,26 +705,23 @@ def test_a_client_leaving_during_a_beam_search_does_not_fail_its_batch_neighbour
         assert [r["text"] for r in answer.json()["results"]] == expected
 
 
-def test_a_decoding_that_fails_fails_its_requests_and_lets_the_others_finish(client, bank, monkeypatch):
-    """Two decodings run side by side; the second one's step raises: its request answers 500 in
-    the error shape, the first's still answers right, and the server goes on."""
-    decodings, started = [], threading.Event()
-    start = bank.start_decoding
+def test_rows_that_fail_to_join_a_decoding_fail_alone_and_the_decoding_goes_on(client, bank, monkeypatch):
+    """A long generation is decoding; a second request's rows fail as they join it: that request
+    answers 500 in the error shape, the long one still answers right, and the server goes on."""
+    started = threading.Event()
+    start, join = bank.start_decoding, bank.join_decoding
 
-    def spy(batch):
+    def spy_start(batch):
         decoding = start(batch)
-        if decodings:
-
-            def broken():
-                raise RuntimeError("the accelerator caught fire")
-
-            decoding.step = broken
-        decodings.append(decoding)
         started.set()
         return decoding
 
+    def broken_join(decoding, batch):
+        raise RuntimeError("the accelerator caught fire")
+
     expected = direct_texts(bank, "summ", CODE[:1], max_new_tokens=400)
-    monkeypatch.setattr(bank, "start_decoding", spy)
+    monkeypatch.setattr(bank, "start_decoding", spy_start)
+    monkeypatch.setattr(bank, "join_decoding", broken_join)
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(generate, client, "summ", CODE[:1], max_new_tokens=400)
         assert started.wait(30)
@@ -725,7 +730,40 @@ def test_a_decoding_that_fails_fails_its_requests_and_lets_the_others_finish(cli
         answer = long.result(timeout=30)
     assert answer.status_code == 200, answer.text
     assert [r["text"] for r in answer.json()["results"]] == expected
-    assert not decodings[0].cancelled and len(decodings) == 2
+    monkeypatch.setattr(bank, "join_decoding", join)
+    assert [r["text"] for r in generate(client, "summ", CODE).json()["results"]] == direct_texts(bank, "summ", CODE)
+
+
+def test_a_decoding_step_that_fails_fails_its_requests_and_the_server_goes_on(client, bank, monkeypatch):
+    start = bank.start_decoding
+
+    def broken_start(batch):
+        decoding = start(batch)
+
+        def broken():
+            raise RuntimeError("the accelerator caught fire")
+
+        decoding.step = broken
+        return decoding
+
+    monkeypatch.setattr(bank, "start_decoding", broken_start)
+    assert "caught fire" in error(generate(client, "summ", CODE[:1]), 500)
+    monkeypatch.setattr(bank, "start_decoding", start)
+    assert [r["text"] for r in generate(client, "summ", CODE).json()["results"]] == direct_texts(bank, "summ", CODE)
+
+
+def test_long_running_decodings_forget_the_rows_they_have_answered(client, bank, monkeypatch):
+    decodings = []
+    start = bank.start_decoding
+
+    def spy(batch):
+        decodings.append(start(batch))
+        return decodings[-1]
+
+    monkeypatch.setattr(bank, "start_decoding", spy)
+    generate(client, "summ", CODE, max_new_tokens=6)
+    wait_until(lambda: decodings and decodings[-1].done, "the decoding to end")
+    assert decodings[-1].rows == [None] * len(CODE) and decodings[-1].generated == [[]] * len(CODE)
 
 
 # -- 8. the prefix cache --------------------------------------------------------------------------

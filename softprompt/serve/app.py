@@ -95,6 +95,7 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404/405
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kinds = {
+            500: "server_error",
             401: "unauthorized",
             403: "forbidden",
             404: "not_found",
@@ -166,6 +167,8 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+        except Exception as err:  # noqa: BLE001 - the batch failed: answer this request, keep the server
+            raise HTTPException(500, f"the server failed on this request: {err}") from err
 
     def count(task: ServedTask, rows: int) -> None:
         telemetry.rows.labels(task.name, task.kind).inc(rows)

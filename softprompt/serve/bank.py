@@ -227,10 +227,16 @@ class TaskBank:
     @torch.inference_mode()
     def start_decoding(self, batch: list[tuple[Prepared, DecodeConfig]]) -> Decoding:
         """One `Decoding` over every row of every prepared request (each with its own settings)."""
-        rows = [
-            GenRow(p.task.model, p.prefix, body, config) for p, config in batch for body in p.encoded.bodies
-        ]
-        return Decoding(rows)
+        return Decoding(self._gen_rows(batch))
+
+    @torch.inference_mode()
+    def join_decoding(self, decoding: Decoding, batch: list[tuple[Prepared, DecodeConfig]]) -> None:
+        """The rows of more prepared requests join a running decoding."""
+        decoding.add(self._gen_rows(batch))
+
+    @staticmethod
+    def _gen_rows(batch: list[tuple[Prepared, DecodeConfig]]) -> list[GenRow]:
+        return [GenRow(p.task.model, p.prefix, body, config) for p, config in batch for body in p.encoded.bodies]
 
     @torch.inference_mode()
     def generate(self, items: list[tuple[str, dict[str, str]]], **overrides) -> list[str]:

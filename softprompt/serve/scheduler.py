@@ -2,10 +2,12 @@
 
 Concurrent requests wait up to `window_ms` to be gathered (at most `max_rows` rows and
 `max_tasks` distinct tasks per batch), then run as one batch, rows of different tasks together.
-Generation runs one token per step; between two steps the worker first answers every waiting
-classification request, then starts waiting generations as a new decoding. So a short
-classification waits at most one decoding step behind a long generation, never for the whole
-answer. Beam search (a task trained with num_beams > 1) runs whole, as its own batch.
+Generation runs one token per step in one decoding that rows join and leave (continuous batching):
+between two steps the worker first answers every classification request waiting at that moment,
+then lets waiting generations join the decoding while it holds fewer than `max_rows` rows. So a
+short classification waits at most one decoding step behind a long generation, never for the whole
+answer, and a long answer never keeps short ones waiting for a batch. Beam search (a task trained
+with num_beams > 1) runs whole, as its own batch.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ class Job:
 
 @dataclass
 class _Running:
-    """A decoding in progress and, for each of its rows, the job and that job's row index."""
+    """The decoding in progress and, for each of its rows, the job and that job's row index."""
 
     decoding: Decoding
     owners: list[tuple[Job, int]]
     texts: list[str]  # text streamed so far per decoding row
     left: dict[int, int]  # id(job) -> rows still decoding
+    members: dict[int, list[tuple[int, int]]]  # id(job) -> (decoding row, job row) of each of its rows
 
 
 class Scheduler:
@@ -66,7 +69,6 @@ class Scheduler:
         max_rows: int = 16,
         max_tasks: int = 8,
         max_queue_rows: int = 256,
-        max_decodings: int = 4,
     ) -> None:
         self.bank = bank
         self.telemetry = telemetry
@@ -74,10 +76,9 @@ class Scheduler:
         self.max_rows = max_rows
         self.max_tasks = max_tasks
         self.max_queue_rows = max_queue_rows
-        self.max_decodings = max_decodings
         self.classify_queue: deque[Job] = deque()
         self.generate_queue: deque[Job] = deque()
-        self.running: list[_Running] = []
+        self.running: _Running | None = None
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._work, name="softprompt-scheduler", daemon=True)
@@ -122,7 +123,7 @@ class Scheduler:
             self._guard(self._classify_waiting)
             self._guard(self._start_waiting_generations)
             self._guard(self._step_decodings)
-        decoding = [job for run in self.running for job, _ in run.owners]
+        decoding = [job for job, _ in self.running.owners] if self.running else []
         for job in list(self.classify_queue) + list(self.generate_queue) + decoding:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -135,9 +136,8 @@ class Scheduler:
             for job in self._in_hand:
                 if not job.future.done():
                     job.future.set_exception(err)
-            if work == self._step_decodings:  # drop the decoding that failed; the others go on
-                failed = {id(job) for job in self._in_hand}
-                self.running = [r for r in self.running if not any(id(j) in failed for j, _ in r.owners)]
+            if work == self._step_decodings:  # drop the decoding that failed; waiting requests go on
+                self.running = None
         finally:
             self._in_hand = []
 
@@ -153,11 +153,13 @@ class Scheduler:
                     return
                 self.wake.wait(left)
 
-    def _take(self, queue: deque[Job]) -> list[Job]:
-        """Jobs from the front of a queue, up to max_rows rows and max_tasks distinct tasks (a job
-        larger than max_rows still goes, alone)."""
+    def _take(self, queue: deque[Job], room: int | None = None, tasks: set[str] | None = None) -> list[Job]:
+        """Jobs from the front of a queue, up to `room` rows (default max_rows) and max_tasks distinct
+        tasks counting `tasks` already in the batch (a job larger than max_rows still goes, alone)."""
         taken: list[Job] = []
-        rows, tasks = 0, set()
+        room = self.max_rows if room is None else room
+        rows, tasks = 0, set(tasks or ())
+        full = bool(tasks)  # joining a batch that already has rows: no oversized job
         with self.wake:
             while queue:
                 job = queue[0]
@@ -166,7 +168,7 @@ class Scheduler:
                     job.future.cancel()
                     continue
                 more_tasks = tasks | {job.task.digest}
-                if taken and (rows + job.rows > self.max_rows or len(more_tasks) > self.max_tasks):
+                if (taken or full) and (rows + job.rows > room or len(more_tasks) > self.max_tasks):
                     break
                 queue.popleft()
                 # Running, its future can no longer be cancelled (a client leaving cancels it), so
@@ -202,13 +204,15 @@ class Scheduler:
                 start += job.rows
 
     def _start_waiting_generations(self) -> None:
-        if len(self.running) >= self.max_decodings or not self.generate_queue:
+        running = self.running
+        active = len(running.decoding.active) if running else 0
+        if active >= self.max_rows or not self.generate_queue:
             return
-        jobs = self._in_hand = self._take(self.generate_queue)
+        tasks = {job.task.digest for job, row in running.owners if row in running.decoding.active} if running else set()
+        jobs = self._in_hand = self._take(self.generate_queue, self.max_rows - active, tasks)
         for job in jobs:
             job.prepared = self.bank.prepare(job.task, job.inputs)
-        beams = [j for j in jobs if j.config.num_beams > 1]
-        for job in beams:
+        for job in [j for j in jobs if j.config.num_beams > 1]:
             tokens = job.prepared.task.model.beam_search(job.prepared.prefix, job.prepared.encoded.bodies, job.config)
             texts = [answer_text(self.bank.backbone, t, job.config.stop) for t in tokens]
             for row, text in enumerate(texts):
@@ -218,20 +222,30 @@ class Scheduler:
         plain = [j for j in jobs if j.config.num_beams <= 1]
         if not plain:
             return
-        decoding = self.bank.start_decoding([(j.prepared, j.config) for j in plain])
-        owners = [(job, row) for job in plain for row in range(job.rows)]
-        self.running.append(_Running(decoding, owners, [""] * len(owners), {id(j): j.rows for j in plain}))
+        batch = [(j.prepared, j.config) for j in plain]
+        if running is None or running.decoding.done:
+            running = self.running = _Running(self.bank.start_decoding(batch), [], [], {}, {})
+        else:
+            self.bank.join_decoding(running.decoding, batch)
+        for job in plain:
+            running.members[id(job)] = [(len(running.owners) + row, row) for row in range(job.rows)]
+            running.owners += [(job, row) for row in range(job.rows)]
+            running.left[id(job)] = job.rows
+        running.texts += [""] * sum(j.rows for j in plain)
 
     def _step_decodings(self) -> None:
-        for run in list(self.running):
-            self._in_hand = list({id(j): j for j, _ in run.owners}.values())
-            for row, (job, _) in enumerate(run.owners):
-                if job.cancelled and row in run.decoding.active:
-                    run.decoding.cancel(row)
-            for row, _token, finished in run.decoding.step():
-                self._emit(run, row, finished)
-            if run.decoding.done:
-                self.running.remove(run)
+        run = self.running
+        if run is None:
+            return
+        active = [(row, run.owners[row][0]) for row in run.decoding.active]
+        self._in_hand = list({id(job): job for _, job in active}.values())
+        for row, job in active:
+            if job.cancelled:
+                run.decoding.cancel(row)
+        for row, _token, finished in run.decoding.step():
+            self._emit(run, row, finished)
+        if run.decoding.done:
+            self.running = None
 
     def _emit(self, run: _Running, row: int, finished: bool) -> None:
         """Stream the new text of a decoding row; complete its job when its last row finishes."""
@@ -248,8 +262,12 @@ class Scheduler:
             return
         run.left[id(job)] -= 1
         if run.left[id(job)] == 0 and not job.future.done():
-            rows = [(r, i) for r, (j, i) in enumerate(run.owners) if j is job]
+            rows = run.members.pop(id(job))
             job.future.set_result([_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows])
+            for r, i in rows:  # a decoding that never empties must not keep every answered row
+                run.decoding.release(r)
+                run.owners[r], run.texts[r] = (None, i), ""
+            del run.left[id(job)]
 
 
 def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:

@@ -1,0 +1,437 @@
+"""Serving many tuned prompts from one model: throughput of mixed-task batches, the prefix cache,
+the HTTP server under concurrent clients, and short-request latency under generation load.
+
+Workload (default model, four run folders: two classification, two generation):
+  sentiment (Portuguese sentiment, 3 labels), intent (3 intents, multi-token label words),
+  summ (code summarization), py2js (Python -> JavaScript); inputs are the first rows of each
+  task's dev file, interleaved round-robin across the tasks as requests would arrive.
+
+Measured, in this order, on one loaded backbone:
+  mixed_rows_per_s          the interleaved rows in batches that mix tasks (classification rows of
+                            both classifiers together, up to --batch rows; generation rows of both
+                            generators together, up to --gen-batch rows decoding at once, a waiting
+                            row joining as soon as another finishes), prefix cache on
+  per_task_rows_per_s       the same rows, one task per batch (each task's rows in turn)
+  peft_swap_rows_per_s      the PEFT way: one PeftModel holding the four prompts as adapters,
+                            `set_adapter` per task, so one prompt is active per forward. PEFT has
+                            no prefix cache: classification runs every (row, label word) as a full
+                            sequence and reads the word's log-probability; generation calls the
+                            base model's `generate` with the active task's prompt spliced before
+                            each row's embeddings (PEFT's own `generate` is slower still and
+                            diverges after the first token with transformers 5:
+                            bench/generate_vs_peft.py)
+  prefix_cache_on/off_rows_per_s
+                            one-row classification requests (what an HTTP client sends) of a task
+                            with a 100-token soft prompt and ~15-token inputs (SST-2 dev sentences
+                            of 10-20 tokens, from ../shared/data/sst2), with the prefix's
+                            key/values cached, and recomputed for every request (--cache-mb 0).
+                            The same with the rows gathered into batches of --batch is reported too.
+  http_*                    `softprompt serve` in a subprocess with the four runs; --clients
+                            concurrent async clients (httpx) send --requests one-row requests
+                            interleaved across the four tasks (generations capped at
+                            --max-new-tokens); requests/s, p50/p99 latency, errors, and the
+                            client's own CPU share (it shares the 2 cores). The same requests are
+                            then served by per-task queues (--batch-tasks 1: a batch never mixes
+                            tasks): http_per_task_queue_requests_per_s.
+  short_request_p99_ms_*    p99 latency of one-row sentiment requests sent one after another,
+                            without load and under a steady load of 64-token py2js generations
+                            from --load-clients clients.
+
+The last stdout line is one JSON object with those keys.
+
+    python bench/serve.py                      # ~10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TASKS = {  # name -> (run folder, dev file)
+    "sentiment": ("runs/sentiment", "examples/data/sentimento/dev.jsonl"),
+    "intent": ("runs/intent", "examples/data/intencao/dev.jsonl"),
+    "summ": ("runs/seed_code_summary", "examples/data/resumo_codigo/dev.jsonl"),
+    "py2js": ("runs/seed_py2js", "examples/data/py2js/dev.jsonl"),
+}
+LONG_PROMPT = "{soft:100} Review: {text} Sentiment: {label}"
+SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.jsonl"
+
+
+def read_inputs(bank, name: str, dev: Path, n: int) -> list[dict[str, str]]:
+    from softprompt.data import load_examples
+
+    task = bank.get(name)
+    examples = load_examples(dev, task.model.template.fields, task.info.columns, label_column=None)
+    return [e.fields for e in examples[:n]]
+
+
+def interleave(per_task: dict[str, list[dict]]) -> list[tuple[str, dict]]:
+    out, longest = [], max(map(len, per_task.values()))
+    for i in range(longest):
+        out += [(name, rows[i]) for name, rows in per_task.items() if i < len(rows)]
+    return out
+
+
+# -- in-process: mixed vs per task vs PEFT --------------------------------------------------------
+def run_rows(bank, items: list[tuple[str, dict]], batch: int, gen_batch: int, max_new_tokens: int) -> dict:
+    """Answer (task, row) items in the given order, batches filled in that order (so an interleaved
+    order gives mixed batches, a grouped order one task per batch); returns outputs and seconds."""
+    classify = [(i, it) for i, it in enumerate(items) if bank.get(it[0]).kind == "classification"]
+    generate = [(i, it) for i, it in enumerate(items) if bank.get(it[0]).kind == "generation"]
+    answers: list = [None] * len(items)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(classify), batch):
+            chunk = classify[s : s + batch]
+            prepared = [bank.prepare(bank.get(name), [row]) for _, (name, row) in chunk]
+            for (i, _), probs in zip(chunk, bank.classify_prepared(prepared)):
+                answers[i] = int(probs.argmax())
+        waiting, decoding, owner = list(generate), None, []
+        while waiting or (decoding is not None and not decoding.done):
+            room = gen_batch - (len(decoding.active) if decoding is not None and not decoding.done else 0)
+            if waiting and room > 0:  # continuous batching: rows join as others finish, as the server does
+                chunk, waiting = waiting[:room], waiting[room:]
+                work = []
+                for _, (name, row) in chunk:
+                    task = bank.get(name)
+                    work.append((bank.prepare(task, [row]), task.decode_config(max_new_tokens=max_new_tokens)))
+                if decoding is None or decoding.done:
+                    decoding, owner = bank.start_decoding(work), []
+                else:
+                    bank.join_decoding(decoding, work)
+                owner += [i for i, _ in chunk]
+            for row, _token, finished in decoding.step():
+                if finished:
+                    answers[owner[row]] = decoding.generated[row]
+    return {"answers": answers, "seconds": time.perf_counter() - start}
+
+
+def peft_swap(bank, items: list[tuple[str, dict]], batch: int, gen_batch: int, max_new_tokens: int) -> dict:
+    """The same items the PEFT way: adapters switched per task, full sequences, no prefix cache."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.backbone import default_gguf
+    from softprompt.peft_interop import write_adapter
+
+    gguf = default_gguf()
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    work = Path(tempfile.mkdtemp(prefix="peft-adapters-"))
+    model = None
+    for name in dict.fromkeys(n for n, _ in items):
+        task = bank.get(name)
+        write_adapter(work / name, task.model.lm.prompt, bank.backbone, "default")
+        if model is None:
+            model = PeftModel.from_pretrained(base, work / name, adapter_name=name).eval()
+        else:
+            model.load_adapter(work / name, adapter_name=name)
+    tokenizer = bank.backbone.tokenizer
+    eos = tokenizer.eos_token_id
+    by_task: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(items):
+        by_task.setdefault(name, []).append(i)
+    answers: list = [None] * len(items)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for name, index in by_task.items():
+            model.set_adapter(name)
+            task = bank.get(name)
+            for s in range(0, len(index), batch if task.kind == "classification" else gen_batch):
+                chunk = index[s : s + (batch if task.kind == "classification" else gen_batch)]
+                prepared = bank.prepare(task, [items[i][1] for i in chunk])
+                if task.kind == "classification":
+                    for i, label in zip(chunk, _peft_classify(model, task, prepared, batch)):
+                        answers[i] = label
+                else:
+                    for i, tokens in zip(chunk, _spliced_generate(base, task, prepared, max_new_tokens, eos)):
+                        answers[i] = tokens
+    return {"answers": answers, "seconds": time.perf_counter() - start}
+
+
+def _peft_classify(model, task, prepared, batch: int) -> list[int]:
+    """Label indices through the PeftModel (virtual tokens prepended by PEFT), as a PEFT user would
+    read a verbalizer: with one-token words and nothing after the slot, one sequence per row and
+    the words' logits at its end; otherwise every (row, word) as a full sequence, the word's tokens'
+    log-probabilities summed. A label's score is the log-mean-exp of its words (our formula)."""
+    enc, choices = prepared.encoded, task.model.choices
+    fixed = [t for t in enc.prefix if t >= 0]  # the soft tokens lead the template: PEFT adds them
+    one_pass = choices.single_token and not any(enc.afters)
+    seqs, spans = [], []
+    for body, after in zip(enc.bodies, enc.afters):
+        context = fixed + body
+        for word in [[]] if one_pass else choices.ids:
+            seqs.append(context + word + after)
+            spans.append((len(context), len(word) + len(after)))
+    scores = []
+    for s in range(0, len(seqs), batch):
+        chunk, chunk_spans = seqs[s : s + batch], spans[s : s + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([q + [0] * (width - len(q)) for q in chunk])
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in chunk])
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        offset = logits.shape[1] - width  # PEFT's virtual tokens come first in the output
+        for row, (q, (begin, length)) in enumerate(zip(chunk, chunk_spans)):
+            if one_pass:
+                scores.append(torch.log_softmax(logits[row, offset + begin - 1], -1)[choices.first_ids])
+                continue
+            positions = torch.arange(begin, begin + length)
+            logp = torch.log_softmax(logits[row, offset + positions - 1], -1)
+            scores.append(logp[torch.arange(length), torch.tensor(q[begin : begin + length])].sum())
+    per_row = torch.stack(scores).view(len(enc.bodies), len(choices.ids))
+    return choices.label_scores(per_row).argmax(-1).tolist()
+
+
+def _spliced_generate(base, task, prepared, max_new_tokens: int, eos: int) -> list[list[int]]:
+    """transformers' generate with the active prompt before each row (left padded)."""
+    enc = prepared.encoded
+    prompt = task.model.lm.prompt.vectors.detach()
+    fixed = [t for t in enc.prefix if t >= 0]
+    rows = [fixed + body for body in enc.bodies]
+    width = max(map(len, rows))
+    embed = base.get_input_embeddings()
+    embeds, masks = [], []
+    for row in rows:
+        pad = width - len(row)
+        embeds.append(torch.cat([embed(torch.zeros(pad, dtype=torch.long)), prompt, embed(torch.tensor(row))]))
+        masks.append(torch.tensor([0] * pad + [1] * (len(prompt) + len(row))))
+    out = base.generate(
+        inputs_embeds=torch.stack(embeds),
+        attention_mask=torch.stack(masks),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return [r[: r.index(eos) + 1] if eos in r else r for r in out.tolist()]
+
+
+def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
+    """Rows/s of classification requests of a task with a 100-token soft prompt and ~15-token
+    inputs (SST-2 dev sentences of 10 to 20 tokens, one-token labels), the prefix cached or not."""
+    from softprompt.artifact import RunInfo
+    from softprompt.prompt import init_prompt
+
+    texts = [json.loads(line)["text"] for line in SST2_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [{"text": t} for t in texts if 10 <= len(backbone.tokenize(" " + t)) <= 20][:n]
+    folder = runs / "long_prompt"
+    folder.mkdir(parents=True, exist_ok=True)
+    init_prompt("vocab", 100, backbone, seed=0).save(folder)
+    RunInfo(
+        model="default", fingerprint=backbone.fingerprint, template=LONG_PROMPT, soft_tokens=100,
+        verbalizer={"positive": ["positive"], "negative": ["negative"]}, max_length=512, init="vocab",
+    ).write(folder)
+    out = {}
+    for label, cache_mb in (("on", 512), ("off", 0)):
+        bank = bank_cls(backbone, cache_mb=cache_mb, allow=[runs])
+        task = bank.load("long", folder)
+        with torch.inference_mode():
+            bank.classify_prepared([bank.prepare(task, rows[:1])])  # warm: the cache holds the prefix
+            start = time.perf_counter()
+            for row in rows:
+                bank.classify_prepared([bank.prepare(task, [row])])
+            single = len(rows) / (time.perf_counter() - start)
+            start = time.perf_counter()
+            for s in range(0, len(rows), batch):
+                bank.classify_prepared([bank.prepare(task, [row]) for row in rows[s : s + batch]])
+            batched = len(rows) / (time.perf_counter() - start)
+        out[label] = (single, batched)
+    encoded = bank.prepare(task, rows).encoded
+    return {
+        "prefix_cache_on_rows_per_s": out["on"][0],
+        "prefix_cache_off_rows_per_s": out["off"][0],
+        "prefix_cache_speedup": out["on"][0] / out["off"][0],
+        "prefix_cache_on_batched_rows_per_s": out["on"][1],
+        "prefix_cache_off_batched_rows_per_s": out["off"][1],
+        "prefix_tokens": len(encoded.prefix),  # 100 soft tokens + the fixed text before the input
+        "row_tokens_mean": statistics.mean(len(b) for b in encoded.bodies),  # the input + " Sentiment:"
+    }
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+def start_server(port: int, batch_tasks: int, runs: list[str]) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", *runs, "--port", str(port), "--batch-tasks", str(batch_tasks)]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {server.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("server did not start")
+
+
+def request_body(bank_kinds: dict[str, str], name: str, row: dict, max_new_tokens: int) -> tuple[str, dict]:
+    if bank_kinds[name] == "classification":
+        return "/v1/classify", {"task": name, "inputs": [row]}
+    return "/v1/generate", {"task": name, "inputs": [row], "max_new_tokens": max_new_tokens}
+
+
+async def load_test(url: str, work: list[tuple[str, dict]], clients: int) -> dict:
+    """`clients` workers take requests from one shared list in order; latencies and errors."""
+    import httpx
+
+    queue = list(enumerate(work))
+    latencies, errors = [], 0
+    cpu0 = time.process_time()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            _, (path, body) = queue.pop(0)
+            start = time.perf_counter()
+            try:
+                response = await http.post(url + path, json=body, timeout=300)
+                if response.status_code != 200:
+                    errors += 1
+            except httpx.HTTPError:
+                errors += 1
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient() as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "requests_per_s": len(work) / wall,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "errors": errors,
+        "client_cpu_share": (time.process_time() - cpu0) / wall,
+    }
+
+
+async def short_latency(url: str, rows: list[dict], load: list[dict] | None, load_clients: int) -> float:
+    """p99 ms of one-row sentiment requests sent one after another, optionally while clients keep
+    the server busy with generations."""
+    import httpx
+
+    stop = asyncio.Event()
+
+    async def generate_forever(http: httpx.AsyncClient, k: int) -> None:
+        i = k
+        while not stop.is_set():
+            await http.post(url + "/v1/generate", json=load[i % len(load)], timeout=300)
+            i += load_clients
+
+    async with httpx.AsyncClient() as http:
+        loaders = [asyncio.create_task(generate_forever(http, k)) for k in range(load_clients if load else 0)]
+        if loaders:
+            await asyncio.sleep(2.0)  # let the generations fill the scheduler
+        latencies = []
+        for row in rows:
+            start = time.perf_counter()
+            response = await http.post(url + "/v1/classify", json={"task": "sentiment", "inputs": [row]}, timeout=300)
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+        stop.set()
+        await asyncio.gather(*loaders, return_exceptions=True)
+    latencies.sort()
+    return 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cls-rows", type=int, default=48, help="rows per classification task")
+    parser.add_argument("--gen-rows", type=int, default=12, help="rows per generation task")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--gen-batch", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=120, help="HTTP requests per load test")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--load-clients", type=int, default=3)
+    parser.add_argument("--short-requests", type=int, default=60)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    from softprompt.backbone import Backbone
+    from softprompt.serve.bank import TaskBank
+
+    backbone = Backbone.load("default")
+    bank = TaskBank(backbone, allow=[ROOT])
+    for name, (run, _) in TASKS.items():
+        bank.load(name, ROOT / run)
+    per_task = {
+        name: read_inputs(bank, name, ROOT / dev, args.cls_rows if bank.get(name).kind == "classification" else args.gen_rows)
+        for name, (_, dev) in TASKS.items()
+    }
+    items = interleave(per_task)
+    grouped = sorted(items, key=lambda it: list(TASKS).index(it[0]))
+    n = len(items)
+    result: dict = {"rows": n, "tasks": {k: len(v) for k, v in per_task.items()}, "max_new_tokens": args.max_new_tokens}
+
+    run_rows(bank, items[:8], args.batch, args.gen_batch, 4)  # warm up (and fill the prefix cache)
+    mixed = run_rows(bank, items, args.batch, args.gen_batch, args.max_new_tokens)
+    separate = run_rows(bank, grouped, args.batch, args.gen_batch, args.max_new_tokens)
+    order = {id(it): i for i, it in enumerate(items)}
+    separate_answers = [None] * n
+    for it, answer in zip(grouped, separate["answers"]):
+        separate_answers[order[id(it)]] = answer
+    peft = peft_swap(bank, items, args.batch, args.gen_batch, args.max_new_tokens)
+    result.update(
+        mixed_rows_per_s=n / mixed["seconds"],
+        per_task_rows_per_s=n / separate["seconds"],
+        peft_swap_rows_per_s=n / peft["seconds"],
+        mixed_vs_per_task=separate["seconds"] / mixed["seconds"],
+        mixed_vs_peft_swap=peft["seconds"] / mixed["seconds"],
+        mixed_equals_per_task=sum(a == b for a, b in zip(mixed["answers"], separate_answers)) / n,
+        peft_swap_equals_mixed=sum(a == b for a, b in zip(mixed["answers"], peft["answers"])) / n,
+    )
+    print(json.dumps({k: v for k, v in result.items()}), file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
+        result.update(prefix_cache(backbone, TaskBank, Path(tmp), args.cls_rows, args.batch))
+    print(json.dumps(result), file=sys.stderr)
+    del bank, backbone
+
+    kinds = {"sentiment": "classification", "intent": "classification", "summ": "generation", "py2js": "generation"}
+    work = [request_body(kinds, name, row, args.max_new_tokens) for name, row in items]
+    work = (work * (args.requests // len(work) + 1))[: args.requests]
+    runs = [f"{name}={run}" for name, (run, _) in TASKS.items()]
+    for label, batch_tasks in (("mixed", 8), ("per_task_queue", 1)):
+        server = start_server(args.port, batch_tasks, runs)
+        try:
+            asyncio.run(load_test(f"http://127.0.0.1:{args.port}", work[:8], args.clients))  # warm up
+            stats = asyncio.run(load_test(f"http://127.0.0.1:{args.port}", work, args.clients))
+            if label == "mixed":
+                result.update({f"http_{k}": v for k, v in stats.items()})
+                url = f"http://127.0.0.1:{args.port}"
+                short_rows = (per_task["sentiment"] * 3)[: args.short_requests]
+                load = [{"task": "py2js", "inputs": [r], "max_new_tokens": 64} for r in per_task["py2js"]]
+                result["short_request_p99_ms_no_load"] = asyncio.run(short_latency(url, short_rows, None, 0))
+                result["short_request_p99_ms_under_generation_load"] = asyncio.run(
+                    short_latency(url, short_rows, load, args.load_clients)
+                )
+            else:
+                result["http_per_task_queue_requests_per_s"] = stats["requests_per_s"]
+                result["http_per_task_queue_p99_ms"] = stats["p99_ms"]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["torch_threads"] = torch.get_num_threads()
+    result["cpus"] = os.cpu_count()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
