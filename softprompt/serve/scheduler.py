@@ -3,9 +3,10 @@
 Concurrent requests wait up to `window_ms` to be gathered (at most `max_rows` rows and
 `max_tasks` distinct tasks per batch), then run as one batch, rows of different tasks together.
 Generation runs one token per step in one decoding that rows join and leave (continuous batching):
-between two steps the worker first answers every classification request waiting at that moment,
-then lets waiting generations join the decoding while it holds fewer than `max_rows` rows. So a
-short classification waits at most one decoding step behind a long generation, never for the whole
+between two steps the worker answers every classification request waiting at that moment, lets
+waiting generations join the decoding while it holds fewer than `max_rows` rows, and answers the
+classifications that arrived during their prefill before it steps. So a short classification waits
+at most one decoding step (or one joining prefill) behind a long generation, never for the whole
 answer, and a long answer never keeps short ones waiting for a batch. Beam search (a task trained
 with num_beams > 1) runs whole, as its own batch.
 """
@@ -122,6 +123,7 @@ class Scheduler:
             self._gather_window()
             self._guard(self._classify_waiting)
             self._guard(self._start_waiting_generations)
+            self._guard(self._classify_waiting)  # what arrived during the joining rows' prefill
             self._guard(self._step_decodings)
         decoding = [job for job, _ in self.running.owners] if self.running else []
         for job in list(self.classify_queue) + list(self.generate_queue) + decoding:
