@@ -833,3 +833,36 @@ def test_a_streamed_completion_never_sends_the_start_of_a_stop_string_the_answer
 @pytest.mark.parametrize("method, path, status", [("GET", "/nope", 404), ("DELETE", "/healthz", 405)])
 def test_unknown_routes_and_methods_answer_in_the_error_shape(client, method, path, status):
     error(client.request(method, path), status)
+
+
+def test_a_running_decoding_never_holds_more_distinct_tasks_than_the_cap(tiny_backbone, runs):
+    """Requests of 3 generation tasks arrive while a decoding runs; with --batch-tasks 2 the rows
+    decoding at once never belong to more than 2 tasks, and every answer is still right."""
+    bank = make_bank(tiny_backbone, runs, names=("summ", "explain", "senti"))
+    write_run(runs / "summ_b", tiny_backbone, SUMM, seed=9, generation={"max_new_tokens": 8})
+    bank.load("summ_b", runs / "summ_b")
+    seen, start, join = [], bank.start_decoding, bank.join_decoding
+
+    def tasks_of(decoding):
+        return {decoding.rows[r].generator.lm.prompt.vectors.data_ptr() for r in decoding.active}
+
+    def spy_start(batch):
+        decoding = start(batch)
+        seen.append(len(tasks_of(decoding)))
+        return decoding
+
+    def spy_join(decoding, batch):
+        join(decoding, batch)
+        seen.append(len(tasks_of(decoding)))
+
+    bank.start_decoding, bank.join_decoding = spy_start, spy_join
+    expected = {name: direct_texts(bank, name, CODE[:1], max_new_tokens=40) for name in ("summ", "explain", "summ_b")}
+    with running_server(bank, max_tasks=2, window_ms=0) as base, httpx.Client(base_url=base, timeout=60) as c:
+        with ThreadPoolExecutor(6) as pool:
+            futures = {
+                pool.submit(generate, c, name, CODE[:1], max_new_tokens=40): name
+                for name in ("summ", "explain", "summ_b") * 2
+            }
+            for future, name in futures.items():
+                assert [r["text"] for r in future.result().json()["results"]] == expected[name]
+    assert seen and max(seen) <= 2

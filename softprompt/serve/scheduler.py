@@ -55,7 +55,7 @@ class _Running:
     """The decoding in progress and, for each of its rows, the job and that job's row index."""
 
     decoding: Decoding
-    owners: list[tuple[Job, int]]
+    owners: list[tuple[Job | None, int]]  # None once the job is answered and its rows released
     texts: list[str]  # text streamed so far per decoding row
     left: dict[int, int]  # id(job) -> rows still decoding
     members: dict[int, list[tuple[int, int]]]  # id(job) -> (decoding row, job row) of each of its rows
@@ -125,7 +125,7 @@ class Scheduler:
             self._guard(self._start_waiting_generations)
             self._guard(self._classify_waiting)  # what arrived during the joining rows' prefill
             self._guard(self._step_decodings)
-        decoding = [job for job, _ in self.running.owners] if self.running else []
+        decoding = [job for job, _ in self.running.owners if job is not None] if self.running else []
         for job in list(self.classify_queue) + list(self.generate_queue) + decoding:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -210,7 +210,7 @@ class Scheduler:
         active = len(running.decoding.active) if running else 0
         if active >= self.max_rows or not self.generate_queue:
             return
-        tasks = {job.task.digest for job, row in running.owners if row in running.decoding.active} if running else set()
+        tasks = {running.owners[row][0].task.digest for row in running.decoding.active} if running else set()
         jobs = self._in_hand = self._take(self.generate_queue, self.max_rows - active, tasks)
         for job in jobs:
             job.prepared = self.bank.prepare(job.task, job.inputs)
