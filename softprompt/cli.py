@@ -407,6 +407,7 @@ def serve(
     max_rows: Annotated[int, typer.Option(help="rows per request at most (413 beyond)")] = 64,
     max_input_chars: Annotated[int, typer.Option(help="characters per input field at most (413 beyond)")] = 20_000,
     max_new_tokens: Annotated[int, typer.Option(help="max_new_tokens a request may ask at most (422 beyond)")] = 512,
+    max_body_mb: Annotated[float, typer.Option(help="request body size at most, from its Content-Length (413 beyond)")] = 8,
 ) -> None:
     """Serve many tuned prompts from one loaded model: HTTP API, OpenAI completions, web page at /."""
     import uvicorn
@@ -435,7 +436,10 @@ def serve(
         _fail(err)
     telemetry = Telemetry()
     scheduler = Scheduler(bank, telemetry, window_ms, batch_rows, batch_tasks, queue_rows).start()
-    limits = Limits(max_rows=max_rows, max_input_chars=max_input_chars, max_new_tokens=max_new_tokens)
+    limits = Limits(
+        max_rows=max_rows, max_input_chars=max_input_chars, max_new_tokens=max_new_tokens,
+        max_body_bytes=int(max_body_mb * 2**20),
+    )
     console.print(f"serving {len(runs)} tasks on http://{host}:{port}/ (page at /, API under /v1)")
     try:
         uvicorn.run(create_app(bank, scheduler, limits, token), host=host, port=port, log_level="warning")

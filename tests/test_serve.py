@@ -866,3 +866,18 @@ def test_a_running_decoding_never_holds_more_distinct_tasks_than_the_cap(tiny_ba
             for future, name in futures.items():
                 assert [r["text"] for r in future.result().json()["results"]] == expected[name]
     assert seen and max(seen) <= 2
+
+
+def test_a_body_over_the_size_limit_is_413_before_it_is_read(bank):
+    limits = Limits(max_body_bytes=1000)
+    with running_server(bank, limits=limits) as base, httpx.Client(base_url=base, timeout=30) as c:
+        big = {"task": "senti", "inputs": [{"text": "x" * 2000}]}
+        assert "limit is 1000" in error(c.post("/v1/classify", json=big), 413)
+        small = c.post("/v1/classify", json={"task": "senti", "inputs": [{"text": "ok"}]})
+        assert small.status_code == 200
+
+
+def test_with_a_token_the_api_schema_is_not_published(guarded, url, client):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(guarded + path).status_code == 404
+        assert client.get(path).status_code == 200  # the server without a token publishes it

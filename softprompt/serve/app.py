@@ -39,6 +39,7 @@ class Limits:
     max_rows: int = 64  # rows per request
     max_input_chars: int = 20_000  # characters per input field
     max_new_tokens: int = 512
+    max_body_bytes: int = 8 * 2**20  # a request body, refused from its Content-Length before it is read
 
 
 class ClassifyRequest(BaseModel):
@@ -80,7 +81,12 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = None, token: str | None = None) -> FastAPI:
     limits = limits or Limits()
     telemetry: Telemetry = scheduler.telemetry
-    app = FastAPI(title="softprompt", docs_url="/docs", redoc_url=None)
+    # With a token the API schema is not published (/docs, /openapi.json): every other route is guarded.
+    published = token is None
+    app = FastAPI(
+        title="softprompt", docs_url="/docs" if published else None, redoc_url=None,
+        openapi_url="/openapi.json" if published else None,
+    )
     app.state.bank, app.state.scheduler = bank, scheduler
 
     def authorized(request: Request) -> None:
@@ -118,7 +124,11 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
     @app.middleware("http")
     async def measure(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > limits.max_body_bytes:
+            response = _error(413, f"request body of {size} bytes; the limit is {limits.max_body_bytes}", "too_large")
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "other")
         telemetry.requests.labels(name, str(response.status_code)).inc()
