@@ -396,7 +396,7 @@ def main() -> None:
         mixed_equals_per_task=sum(a == b for a, b in zip(mixed["answers"], separate_answers)) / n,
         peft_swap_equals_mixed=sum(a == b for a, b in zip(mixed["answers"], peft["answers"])) / n,
     )
-    print(json.dumps({k: v for k, v in result.items()}), file=sys.stderr)
+    print(json.dumps(result), file=sys.stderr)
 
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
         result.update(prefix_cache(backbone, TaskBank, Path(tmp), args.cls_rows, args.batch))

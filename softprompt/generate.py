@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone, Layout, join_contexts
+from .backbone import Backbone, Context, Layout, join_contexts
 from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM, Row, RowsOutput, run_rows
+from .prompted import Prefix, PromptedLM, Row, run_rows
 from .template import Encoded, Template
 
 
@@ -123,13 +123,6 @@ class Generator:
                 progress(len(index))
         return answers
 
-    def _start(self, prefix: Prefix, bodies: list[list[int]]) -> tuple[RowsOutput, torch.Tensor, torch.Tensor]:
-        """Run the rows; return their output, the next-token hidden states and next positions."""
-        out = self.lm.run_rows(prefix, bodies)
-        last = (out.lengths - 1).to(out.hidden.device)
-        hidden = out.hidden[torch.arange(len(bodies)), last]
-        return out, hidden, out.starts + out.lengths
-
     def _sample(
         self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
     ) -> list[list[int]]:
@@ -141,9 +134,9 @@ class Generator:
 
     def beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         beams = config.num_beams
-        out, hidden, positions = self._start(prefix, bodies)
+        context, hidden, positions = start_rows([Row(self.lm, prefix, body) for body in bodies])
         rows = len(bodies)
-        out.context.repeat_interleave(beams)
+        context.repeat_interleave(beams)
         hidden = hidden.repeat_interleave(beams, 0)
         positions = positions.repeat_interleave(beams, 0)
         scores = torch.full((rows, beams), -float("inf"))
@@ -169,8 +162,8 @@ class Generator:
             )
             if bool(done.all()):
                 break
-            out.context.select(source.to(self.backbone.device))
-            hidden = next_hidden(self.backbone, out, tokens, positions)
+            context.select(source.to(self.backbone.device))
+            hidden, context = next_hidden(self.backbone, context, tokens, positions)
             positions = positions + 1
         final = scores.view(-1) / torch.tensor([max(1, len(h)) ** config.length_penalty for h in histories])
         best = final.view(rows, beams).argmax(-1) + torch.arange(rows) * beams
@@ -210,12 +203,20 @@ def stopped(backbone: Backbone, tokens: list[int], stop: list[str]) -> bool:
     return False
 
 
-def next_hidden(backbone: Backbone, out: RowsOutput, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Feed one new token per row at its own position (growing `out.context`); returns the new hidden states."""
-    hidden, out.context = backbone.run(
-        backbone.embed(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), out.context
-    )
-    return hidden[:, -1]
+def start_rows(rows: list[Row]) -> tuple[Context, torch.Tensor, torch.Tensor]:
+    """Run the rows' prompts; their context, the hidden states that predict each row's first new
+    token, and the position that token will take."""
+    out = run_rows(rows)
+    hidden = out.hidden[torch.arange(len(rows)), (out.lengths - 1).to(out.hidden.device)]
+    return out.context, hidden, out.starts + out.lengths
+
+
+def next_hidden(
+    backbone: Backbone, context: Context, tokens: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, Context]:
+    """Feed one new token per row at its own position; the new hidden states and the grown context."""
+    hidden, context = backbone.run(backbone.embed(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), context)
+    return hidden[:, -1], context
 
 
 @dataclass
@@ -246,14 +247,11 @@ class Decoding:
 
     def add(self, rows: list[GenRow]) -> None:
         """Run the new rows' prompts; from the next step they decode with the others."""
-        out = run_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
-        last = (out.lengths - 1).to(out.hidden.device)
-        hidden = out.hidden[torch.arange(len(rows)), last]
-        positions = out.starts + out.lengths
+        context, hidden, positions = start_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
         if self.active:
-            out.context = join_contexts([self.out.context, out.context])
+            context = join_contexts([self.context, context])
             hidden, positions = torch.cat([self.hidden, hidden]), torch.cat([self.positions, positions])
-        self.out, self.hidden, self.positions = out, hidden, positions
+        self.context, self.hidden, self.positions = context, hidden, positions
         self.active += range(len(self.rows), len(self.rows) + len(rows))
         self.rows += rows
         self.generated += [[] for _ in rows]
@@ -299,13 +297,11 @@ class Decoding:
                 self.active = []
                 return emitted
             index = torch.tensor(keep)
-            self.out.context.select(index.to(self.backbone.device))
+            self.context.select(index.to(self.backbone.device))
             self.positions = self.positions[index]
             self.active = [self.active[i] for i in keep]
             tokens = [tokens[i] for i in keep]
-        else:
-            tokens = list(tokens)
-        self.hidden = next_hidden(self.backbone, self.out, torch.tensor(tokens), self.positions)
+        self.hidden, self.context = next_hidden(self.backbone, self.context, torch.tensor(tokens), self.positions)
         self.positions = self.positions + 1
         return emitted
 

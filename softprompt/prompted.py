@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import Backbone, Context, KeyValues, Layout
+from .backbone import Backbone, Context, KeyValues, Layout, join_contexts
 from .prompt import SoftPrompt
 
 PAD_ID = 0  # any real id: padded positions are masked out of attention and never read
@@ -41,34 +41,26 @@ EMPTY_PREFIX = Prefix(None, 0)
 
 
 def batch_context(backbone: Backbone, prefixes: list[Prefix]) -> Context | None:
-    """The prefixes of a batch's rows as its starting context. Rows that share a prefix share its
-    keys (expanded when there is one, gathered once per distinct prefix otherwise); shorter prefixes
-    are padded with keys that no query sees."""
-    distinct: dict[int, int] = {}
-    owner = [distinct.setdefault(id(p), len(distinct)) for p in prefixes]
+    """The prefixes of a batch's rows as its starting context. With one prefix its keys are
+    expanded (shared, not copied); with several, each distinct prefix is padded to the longest with
+    keys that no query sees (`join_contexts`) and gathered per row."""
     unique = list({id(p): p for p in prefixes}.values())
-    width = max(p.length for p in unique)
-    if width == 0:
+    if max(p.length for p in unique) == 0:
         return None
     batch = len(prefixes)
-    positions = torch.arange(width).unsqueeze(0)
     if len(unique) == 1:
         kv = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in unique[0].kv]
-        return Context(backbone.new_cache(kv), Layout.of(positions).expand(batch))
-    template = next(p.kv for p in unique if p.kv is not None)
-    index = torch.tensor(owner, device=template[0][0].device)
-    kv = []
-    for layer, (k0, v0) in enumerate(template):
-        keys, values = [], []
-        for p in unique:
-            k, v = p.kv[layer] if p.kv is not None else (k0[:, :, :0], v0[:, :, :0])
-            pad_to = (0, 0, 0, width - p.length)
-            keys.append(torch.nn.functional.pad(k, pad_to))
-            values.append(torch.nn.functional.pad(v, pad_to))
-        kv.append((torch.cat(keys).index_select(0, index), torch.cat(values).index_select(0, index)))
-    lengths = torch.tensor([prefixes[i].length for i in range(batch)])
-    real = positions < lengths.unsqueeze(1)
-    return Context(backbone.new_cache(kv), Layout.of(positions.expand(batch, -1), real))
+        return Context(backbone.new_cache(kv), Layout.of(torch.arange(unique[0].length).unsqueeze(0)).expand(batch))
+    like = next(p.kv for p in unique if p.kv is not None)  # an empty prefix is zero keys of this shape
+
+    def alone(p: Prefix) -> Context:
+        kv = p.kv if p.kv is not None else [(k[:, :, :0], v[:, :, :0]) for k, v in like]
+        return Context(backbone.new_cache(kv), Layout.of(torch.arange(p.length).unsqueeze(0)))
+
+    context = join_contexts([alone(p) for p in unique])
+    index = {id(p): i for i, p in enumerate(unique)}
+    context.select(torch.tensor([index[id(p)] for p in prefixes], device=like[0][0].device))
+    return context
 
 
 @dataclass

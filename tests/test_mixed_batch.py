@@ -24,6 +24,8 @@ CLASSIFIERS = [
     ("{soft:3} Sentiment: {label}. Review: {text}", {"pos": ["positive"], "neg": ["negative"]}),
     # no soft tokens in the prefix: they follow the input
     ("Review: {text} {soft:4} Sentiment: {label}", {"pos": ["positive"], "neg": ["negative", "boring"]}),
+    # no prefix at all on a model without BOS: the input opens the template
+    ("{text} {soft:2} Sentiment: {label}", {"pos": ["great film"], "neg": ["dull mess"]}),
 ]
 GENERATORS = [
     ("{soft:3} Code: {input} Summary: {target}", DecodeConfig(max_new_tokens=6)),

@@ -193,8 +193,8 @@ def create_app(bank: TaskBank, scheduler: Scheduler, limits: Limits | None = Non
             {
                 "label": labels[int(p.argmax())],
                 "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)},
-                "prompt_tokens": job.prepared.prefix.length + len(job.prepared.encoded.bodies[i]) + len(job.prepared.encoded.afters[i]),
-                "cut": job.prepared.cut[i],
+                "prompt_tokens": job.prepared.prompt_tokens(i),
+                "cut": job.prepared.encoded.cut[i],
             }
             for i, p in enumerate(probs)
         ]

@@ -17,7 +17,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from ..artifact import ArtifactError, RunInfo, load_run
 from ..backbone import Backbone
 from ..classify import Classifier, LabelRow, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, GenRow
+from ..prompt import PROMPT_FILE
 from ..prompted import Prefix
 from ..template import Encoded
 
@@ -127,9 +128,12 @@ class Prepared:
     """A task's rows rendered to ids, with their prefix (cached by content)."""
 
     task: ServedTask
-    encoded: Encoded
+    encoded: Encoded  # its `cut`: input tokens cut per row to fit the run's max_length
     prefix: Prefix
-    cut: list[int] = field(default_factory=list)  # input tokens cut per row to fit the run's max_length
+
+    def prompt_tokens(self, row: int) -> int:
+        """Tokens the model reads for a row: prefix, the row's own, and any after the label slot."""
+        return self.prefix.length + len(self.encoded.bodies[row]) + len(self.encoded.afters[row])
 
 
 class TaskBank:
@@ -166,7 +170,7 @@ class TaskBank:
         digest = hashlib.sha256(self.backbone.fingerprint.encode())
         if prompt is not None:
             digest.update(prompt.vectors.detach().float().cpu().contiguous().numpy().tobytes())
-        task = ServedTask(name, folder, info, model, digest.hexdigest(), (folder / "prompt.safetensors").stat().st_size)
+        task = ServedTask(name, folder, info, model, digest.hexdigest(), (folder / PROMPT_FILE).stat().st_size)
         with self.lock:
             self.tasks[name] = task
         return task
@@ -194,15 +198,12 @@ class TaskBank:
     # -- rows ------------------------------------------------------------------------------------
     def prepare(self, task: ServedTask, rows: list[dict[str, str]]) -> Prepared:
         """Render rows through the task's template; the prefix comes from the cache."""
-        encoded = task.model.template.encode(
-            rows, self.backbone.tokenize_many, task.model.max_length, self.backbone.bos_ids
-        )
-        return Prepared(task, encoded, self.prefix(task, encoded.prefix), encoded.cut)
+        encoded = task.model.encode(rows).encoded
+        return Prepared(task, encoded, self.prefix(task, encoded.prefix))
 
     def prefix(self, task: ServedTask, prefix_ids: list[int]) -> Prefix:
+        """From the cache (which keeps nothing when its bound is 0)."""
         key = hashlib.sha256(f"{task.digest}|{prefix_ids}".encode()).hexdigest()
-        if self.cache.max_bytes <= 0:
-            return task.model.lm.run_prefix(prefix_ids)
         return self.cache.get(key, lambda: task.model.lm.run_prefix(prefix_ids))
 
     @torch.inference_mode()
@@ -241,7 +242,8 @@ class TaskBank:
     @torch.inference_mode()
     def generate(self, items: list[tuple[str, dict[str, str]]], **overrides) -> list[str]:
         """(task, row) pairs, possibly of different tasks -> each row's greedy (or sampled) answer."""
-        batch = [(self.prepare(self.get(name), [row]), self.get(name).decode_config(**overrides)) for name, row in items]
+        tasks = [self.get(name) for name, _ in items]
+        batch = [(self.prepare(task, [row]), task.decode_config(**overrides)) for task, (_, row) in zip(tasks, items)]
         decoding = self.start_decoding(batch)
         while not decoding.done:
             decoding.step()

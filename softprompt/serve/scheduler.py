@@ -279,8 +279,8 @@ def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:
     return {
         "text": text,
         "tokens": len(tokens),
-        "prompt_tokens": prepared.prefix.length + len(prepared.encoded.bodies[row]),
-        "cut": prepared.cut[row],
+        "prompt_tokens": prepared.prompt_tokens(row),
+        "cut": prepared.encoded.cut[row],
         "finish_reason": "length" if len(tokens) >= job.config.max_new_tokens else "stop",
     }
 
