@@ -1,7 +1,10 @@
 """The run folder: what a trained prompt needs to be used again.
 
-prompt.safetensors   the soft prompt (fp32, tensor `prompt`)
-task.json            template, verbalizer, base-model fingerprint, settings, metrics
+prompt.safetensors   the soft prompt (fp32, tensor `prompt`); prompt, residual and p-tuning runs
+prefix.safetensors   prefix runs: keys and values per layer
+adapter_model.safetensors + adapter_config.json   lora runs (PEFT's format)
+model.safetensors    full fine-tuning runs: the whole model
+task.json            method, template, verbalizer, base-model fingerprint, settings, metrics
 metrics.jsonl        the training log (loss per step, validation results)
 learning_curve.png, confusion_matrix.png
 checkpoint/          the latest resumable state (removed when training finishes)
@@ -36,7 +39,8 @@ class ArtifactError(ValueError):
 class RunInfo(BaseModel):
     format: int = FORMAT_VERSION
     kind: str = "classification"
-    method: str = "prompt"  # what was trained; "prompt": a soft prompt on the unchanged model
+    method: str = "prompt"  # what was trained (methods.METHODS); "prompt": a soft prompt on the unchanged model
+    method_settings: dict = Field(default_factory=dict)  # what the method chose (demonstrations, calibration prior)
     model: str
     fingerprint: str
     template: str
@@ -110,16 +114,23 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
     info = RunInfo.read(run)
     backbone = backbone or Backbone.load(info.model)
     check_model(info, backbone, run)
-    prompt = _load_prompt(run, info, backbone).to(backbone.device)
+    from .methods import MethodError, method_class  # local import: the methods load their own files
+
+    try:
+        prompt = method_class(info.method).load(Path(run), info, backbone)
+    except MethodError as err:
+        raise ArtifactError(f"{Path(run) / INFO_FILE}: {err}") from err
     if info.kind == "generation":
         template = Template.parse(info.template, slot="target")
         target_length = (info.generation or {}).get("max_target_length", 256)
         return Generator(backbone, template, prompt, info.max_length, target_length), info
     verbalizer = Verbalizer.from_spec(info.verbalizer or {})
-    return Classifier(backbone, Template.parse(info.template), verbalizer, prompt, info.max_length), info
+    prior = info.method_settings.get("calibration")
+    prior = torch.tensor(prior) if prior is not None else None
+    return Classifier(backbone, Template.parse(info.template), verbalizer, prompt, info.max_length, prior), info
 
 
-def _load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:
+def load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:
     """The run's prompt, refused unless it is a finite [soft_tokens, hidden_size] matrix: a
     downloaded or damaged file must fail here, with its name, not as a shape error mid-request."""
     path = Path(run) / PROMPT_FILE
@@ -137,7 +148,7 @@ def _load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftProm
         )
     if not torch.isfinite(prompt.vectors).all():
         raise ArtifactError(f"{path}: the prompt holds non-finite values (NaN or infinity)")
-    return prompt
+    return prompt.to(backbone.device)
 
 
 def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
-from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM, Row, run_rows
+from .prompted import Prefix, Prompt, PromptedLM, Row, run_rows
 from .template import Encoded, Template
 from .verbalizer import Choices, Verbalizer
 
@@ -41,20 +40,28 @@ class Classifier:
         backbone: Backbone,
         template: Template,
         verbalizer: Verbalizer,
-        prompt: SoftPrompt | None,
+        prompt: Prompt | None,
         max_length: int = DEFAULT_MAX_LENGTH,
+        prior: torch.Tensor | None = None,
     ) -> None:
+        """`prior`: [L] label probabilities on content-free inputs, divided out of every prediction
+        (contextual calibration, methods/zero_shot.py); None leaves scores as the model gives them."""
         self.backbone = backbone
         self.template = template
         self.verbalizer = verbalizer
         self.lm = PromptedLM(backbone, prompt, template.soft_tokens)
         self.max_length = max_length
         self.choices: Choices = verbalizer.choices(backbone, template.slot_lead)
+        self.log_prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32).log()
 
-    def with_prompt(self, prompt: SoftPrompt | None) -> Classifier:
+    def calibrated(self, prior: torch.Tensor) -> Classifier:
+        """The same classifier with contextual calibration by `prior`."""
+        return Classifier(self.backbone, self.template, self.verbalizer, self.lm.prompt, self.max_length, prior)
+
+    def with_prompt(self, prompt: Prompt | None) -> Classifier:
         """The same template, verbalizer, model and length with another prompt (checked against the
         template); None drops the soft tokens (plain prompting, the zero-shot baseline)."""
-        template = self.template if prompt is not None else self.template.without_soft()
+        template = self.template if prompt is not None or not self.template.soft_tokens else self.template.without_soft()
         return Classifier(self.backbone, template, self.verbalizer, prompt, self.max_length)
 
     def zero_shot(self) -> Classifier:
@@ -166,7 +173,10 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
     per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
     result: list[torch.Tensor] = list(per_row)
     for members in groups.values():
-        labels = rows[members[0]].classifier.choices.label_scores(torch.stack([per_row[r] for r in members]))
+        classifier = rows[members[0]].classifier
+        labels = classifier.choices.label_scores(torch.stack([per_row[r] for r in members]))
+        if classifier.log_prior is not None:
+            labels = labels - classifier.log_prior.to(labels.device)
         for r, scores in zip(members, labels):
             result[r] = scores
     return result

@@ -18,6 +18,7 @@ from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
 from .generate import DecodeConfig, Generator
 from .metrics import classification_report
+from .methods import METHODS, MethodError
 from .peft_interop import export_peft, import_peft
 from .prompt import InitError
 from .task import GenerationSpec, TaskError, load_task
@@ -29,7 +30,9 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models."
 )
 console = Console(stderr=True)
-USER_ERRORS = (TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound)
+USER_ERRORS = (
+    TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound, MethodError
+)
 
 
 def _fail(err: Exception) -> None:
@@ -83,11 +86,23 @@ def train(
         bool,
         typer.Option(help="continue an interrupted run in --out (same task file and flags: anything else is refused)"),
     ] = False,
+    method: Annotated[
+        str,
+        typer.Option(help="what to train: " + ", ".join(METHODS) + " (see README, 'Methods')"),
+    ] = "prompt",
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot/--no-zero-shot", help="also score zero-shot prompting (validation and dev)")
+    ] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="score the dev rows at the end")] = True,
+    dev: Annotated[
+        Optional[Path], typer.Option(help="rows of the final report instead of the task's dev file (e.g. a test split)")
+    ] = None,
 ) -> None:
-    """Train a soft prompt on a frozen model (zero-shot first, then validation as it goes).
+    """Train a soft prompt (or another --method) on a frozen model: zero-shot first, then
+    validation as it goes.
 
-    Validation (which chooses the kept prompt and stops early) uses a seeded slice of the training
-    rows; the dev file is only scored at the end, with the kept prompt and with zero-shot prompting."""
+    Validation (which chooses the kept state and stops early) uses a seeded slice of the training
+    rows; the dev file is only scored at the end, with the kept state and with zero-shot prompting."""
     from .train import train as run_training
 
     overrides = dict(
@@ -113,7 +128,12 @@ def train(
         spec = load_task(task, overrides)
         if epochs is not None and steps is None:
             spec.train.steps = None  # --epochs on the command line beats steps from the task file
-        run_training(spec, out, resume=resume, console=console)
+        if dev is not None:
+            spec.data.dev = str(dev.resolve())
+        if lr is None and method != "prompt" and method in METHODS:
+            # a task file's train.lr is a soft prompt's rate; other methods start from their own default
+            spec.train.lr = METHODS[method].lr or spec.train.lr
+        run_training(spec, out, resume=resume, console=console, method=method, baselines=zero_shot, report=report)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
@@ -445,6 +465,51 @@ def serve(
         uvicorn.run(create_app(bank, scheduler, limits, token), host=host, port=port, log_level="warning")
     finally:
         scheduler.stop()
+
+
+@app.command()
+def compare(
+    task: Annotated[Path, typer.Argument(help="task file (YAML)")],
+    out: Annotated[Path, typer.Option(help="report folder (re-running it skips finished cells)")],
+    methods: Annotated[str, typer.Option(help="comma-separated: " + ",".join(METHODS))] = "zero-shot,calibrated,few-shot,prompt,lora",
+    shots: Annotated[str, typer.Option(help="training rows per label, comma-separated; 'all' for the whole training set")] = "16,all",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds of the final cells")] = "0,1,2",
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps of every trained method (default: the task's)")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="rows to report (default: the task's data.test, else its dev file)")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="wall time for the whole grid, e.g. 90m or 2h; cells beyond it are reported as over budget")] = None,
+    lrs: Annotated[Optional[list[str]], typer.Option("--lrs", help="METHOD=LR,LR,... learning rates to search (repeatable; default: each method's grid)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="override the task's model")] = None,
+) -> None:
+    """Run methods side by side on the same split, model, loss and steps; write report.md,
+    report.html and report.json (dev metric, parameters, artifact size, time, memory, lr chosen)."""
+    from .compare.grid import Plan, parse_budget, run_compare
+    from .compare.report import console_table, write_report
+
+    try:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        for name in names:
+            if name not in METHODS:
+                raise MethodError(f"--methods: unknown method {name!r}; use {', '.join(METHODS)}")
+        spec = load_task(task)
+        grids = {}
+        for item in lrs or []:
+            name, _, values = item.partition("=")
+            grids[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+        test_rows = test or (spec.path(spec.data.test) if spec.data.test else None)
+        plan = Plan(
+            task=task, out=out, methods=names, shots=[s.strip() for s in shots.split(",")],
+            seeds=[int(s) for s in seeds.split(",")], steps=steps or spec.train.steps or 300,
+            test=test_rows, budget_s=parse_budget(budget), model=model, lrs=grids,
+        )
+        records, meta = run_compare(plan, console)
+    except (*USER_ERRORS, ValueError) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted; run the same command again to continue ({out}/cells holds what finished)")
+        raise typer.Exit(130) from None
+    rows = write_report(out, records, meta)
+    Console().print(console_table(rows, meta))
+    console.print(f"report written to {out}/report.md, report.html and report.json")
 
 
 @app.command("model")

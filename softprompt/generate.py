@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import Backbone, Context, Layout, join_contexts
-from .prompt import SoftPrompt
-from .prompted import Prefix, PromptedLM, Row, run_rows
+from .prompted import Prefix, Prompt, PromptedLM, Row, run_rows
 from .template import Encoded, Template
 
 
@@ -50,7 +49,7 @@ class Generator:
         self,
         backbone: Backbone,
         template: Template,
-        prompt: SoftPrompt | None,
+        prompt: Prompt | None,
         max_length: int = 512,
         max_target_length: int = 256,
     ) -> None:
@@ -64,10 +63,10 @@ class Generator:
         self.max_target_length = max_target_length
         self.eos_id = backbone.tokenizer.eos_token_id
 
-    def with_prompt(self, prompt: SoftPrompt | None) -> Generator:
+    def with_prompt(self, prompt: Prompt | None) -> Generator:
         """The same template, model and lengths with another prompt; None drops the soft tokens
         (plain prompting, the zero-shot baseline)."""
-        template = self.template if prompt is not None else self.template.without_soft()
+        template = self.template if prompt is not None or not self.template.soft_tokens else self.template.without_soft()
         return Generator(self.backbone, template, prompt, self.max_length, self.max_target_length)
 
     def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:

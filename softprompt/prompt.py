@@ -35,11 +35,19 @@ class SoftPrompt(torch.nn.Module):
     def length(self) -> int:
         return self.vectors.shape[0]
 
+    def prefix_kv(self) -> None:
+        """A soft prompt enters as input vectors, not as keys and values (see methods/prefix.py)."""
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is saved, and what keys a server's prefix cache."""
+        return {"prompt": self.vectors.detach().cpu().contiguous()}
+
     def save(self, folder: str | Path) -> Path:
         """Write prompt.safetensors atomically: a crash leaves the old file or the new, never half."""
         path = Path(folder) / PROMPT_FILE
         tmp = path.with_name(f".{PROMPT_FILE}.tmp")
-        save_file({"prompt": self.vectors.detach().cpu().contiguous()}, str(tmp))
+        save_file(self.tensors(), str(tmp))
         os.replace(tmp, path)
         return path
 

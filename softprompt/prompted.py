@@ -16,11 +16,26 @@ task is the case where every row shares one prefix (its keys are then expanded, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .backbone import Backbone, Context, KeyValues, Layout, join_contexts
-from .prompt import SoftPrompt
+
+
+class Prompt(Protocol):
+    """What a method puts into the model at the template's soft tokens: input vectors (a soft
+    prompt, folded or still behind its encoder) or keys and values at every layer (prefix tuning)."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def vectors(self) -> torch.Tensor: ...  # [N, H]; unused when prefix_kv() gives the keys
+
+    def prefix_kv(self) -> KeyValues | None: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...  # what is saved; keys a server's prefix cache
 
 PAD_ID = 0  # any real id: padded positions are masked out of attention and never read
 
@@ -86,7 +101,7 @@ def pad(rows: list[list[int]], value: int = PAD_ID) -> tuple[torch.Tensor, torch
 class PromptedLM:
     """A frozen backbone plus (optionally) a soft prompt for a template with `soft_tokens` slots."""
 
-    def __init__(self, backbone: Backbone, prompt: SoftPrompt | None, soft_tokens: int) -> None:
+    def __init__(self, backbone: Backbone, prompt: Prompt | None, soft_tokens: int) -> None:
         if prompt is not None and prompt.length != soft_tokens:
             raise ValueError(f"the prompt has {prompt.length} vectors, the template {soft_tokens} soft tokens")
         self.backbone = backbone
@@ -107,14 +122,40 @@ class PromptedLM:
     def run_prefix(self, prefix_ids: list[int]) -> Prefix:
         if not prefix_ids:
             return EMPTY_PREFIX
-        ids = torch.tensor([prefix_ids])
-        layout = Layout.of(torch.arange(len(prefix_ids)).unsqueeze(0))
-        _, context = self.backbone.run(self.splice(ids), layout)
+        learned = self.prompt.prefix_kv() if self.prompt is not None else None
+        if learned is None:
+            context = self._run_span(prefix_ids, 0, None)
+        else:  # prefix tuning: the soft span is trained keys/values, not input vectors
+            first = prefix_ids.index(-1)
+            end = first + self.prompt.length
+            context = self._run_span(prefix_ids[:first], 0, None)
+            context = _with_keys(self.backbone, context, learned, first)
+            context = self._run_span(prefix_ids[end:], end, context)
+        assert context is not None
         return Prefix([(layer.keys, layer.values) for layer in context.cache.layers], len(prefix_ids))
+
+    def _run_span(self, ids: list[int], start: int, context: Context | None) -> Context | None:
+        """Run ids at positions start, start+1, ... after `context` (batch one)."""
+        if not ids:
+            return context
+        layout = Layout.of(torch.arange(start, start + len(ids)).unsqueeze(0))
+        _, context = self.backbone.run(self.splice(torch.tensor([ids])), layout, context)
+        return context
 
     def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> RowsOutput:
         """Rows of this model only, all after one prefix: the one-task case of `run_rows`."""
         return run_rows([Row(self, prefix, ids) for ids in rows])
+
+
+def _with_keys(backbone: Backbone, context: Context | None, kv: KeyValues, first: int) -> Context:
+    """`context` followed by given keys/values at positions first, first+1, ... (batch one)."""
+    kv = [(k.to(backbone.device, backbone.dtype), v.to(backbone.device, backbone.dtype)) for k, v in kv]
+    length = kv[0][0].shape[2]
+    layout = Layout.of(torch.arange(first, first + length).unsqueeze(0))
+    if context is not None:
+        kv = [(torch.cat([layer.keys, k], dim=2), torch.cat([layer.values, v], dim=2)) for layer, (k, v) in zip(context.cache.layers, kv)]
+        layout = context.layout.cat(layout)
+    return Context(backbone.new_cache(kv), layout)
 
 
 @dataclass

@@ -78,6 +78,9 @@ class DataSpec(BaseModel):
 
     train: str
     dev: str | None = Field(None, description="rows of the final report; never used to choose anything")
+    test: str | None = Field(
+        None, description="rows that `softprompt compare` reports (a test split no selection ever saw); default: dev"
+    )
     validation: str | None = Field(
         None,
         description="rows that choose (validation, early stopping, the kept prompt); default: a seeded "

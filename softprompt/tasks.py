@@ -113,6 +113,10 @@ class Task:
         """Put a prompt in the model (its length is checked against the template there)."""
         self.model = self.model.with_prompt(prompt)
 
+    def use_method(self, method) -> None:
+        """Put a training method (methods/) in the model: its prompt, prefix or calibration."""
+        self.model = method.apply(self.model)
+
     def lengths(self) -> list[int]:
         """Tokens per training row, for length bucketing."""
         raise NotImplementedError
@@ -192,10 +196,12 @@ class ClassificationTask(Task):
         probs = model.predict_proba(rows, self.spec.train.eval_batch_size, progress)
         return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
 
-    def final(self, run: Path, progress: Progress | None = None) -> dict:
-        """The kept prompt and zero-shot prompting on the dev rows; the confusion-matrix figure."""
+    def final(self, run: Path, progress: Progress | None = None, zero_shot: bool = True) -> dict:
+        """The kept state (and zero-shot prompting) on the dev rows; the confusion-matrix figure."""
         report = self.score(self.model, "dev", progress)
         plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
+        if not zero_shot:
+            return {"dev": report}
         return {"dev": report, "dev_zero_shot": self.zero_shot("dev", progress)}
 
     def describe(self) -> dict:
@@ -232,10 +238,11 @@ class GenerationTask(Task):
         examples = getattr(self.splits, role)
         return score_generations(predictions, examples, self.spec.generation, self.spec.data.tests)
 
-    def final(self, run: Path, progress: Progress | None = None) -> dict:
-        """The kept prompt and zero-shot prompting on the dev rows, each row's answers written."""
+    def final(self, run: Path, progress: Progress | None = None, zero_shot: bool = True) -> dict:
+        """The kept state (and zero-shot prompting) on the dev rows, each row's answers written."""
         results = {}
-        for name, model in (("dev", self.model), ("dev_zero_shot", self.model.with_prompt(None))):
+        variants = [("dev", self.model), ("dev_zero_shot", self.model.with_prompt(None))]
+        for name, model in variants[: 2 if zero_shot else 1]:
             report = self.score(model, "dev", progress)
             write_predictions(run / f"{name}_predictions.jsonl", report.pop("rows"))
             results[name] = report if name == "dev" else summarize(report)

@@ -207,6 +207,26 @@ class Template:
             kept[0] = Segment("text", kept[0].value.lstrip())
         return Template(self.text, _merge_text(kept))
 
+    def source(self) -> str:
+        """The template text of these segments (braces in fixed text escaped)."""
+        parts = {
+            "soft": lambda s: f"{{soft:{s.count}}}",
+            "text": lambda s: s.value.replace("{", "{{").replace("}", "}}"),
+            "field": lambda s: f"{{{s.value}}}",
+            "slot": lambda s: f"{{{s.value}}}",
+        }
+        return "".join(parts[s.kind](s) for s in self.segments)
+
+    def render(self, fields: dict[str, str], answer: str) -> str:
+        """A row as plain text with its answer in the slot (a demonstration); soft tokens dropped."""
+        parts = {
+            "soft": lambda s: "",
+            "text": lambda s: s.value,
+            "field": lambda s: fields[s.value],
+            "slot": lambda s: answer,
+        }
+        return "".join(parts[s.kind](s) for s in self.segments).strip()
+
     def encode(
         self,
         rows: list[dict[str, str]],

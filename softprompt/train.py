@@ -1,11 +1,14 @@
-"""Training a soft prompt: the loop, validation, early stopping, checkpoints, exact resume.
+"""Training: the loop, validation, early stopping, checkpoints, exact resume, for any method.
 
-Only the soft prompt's vectors get gradients. After every optimizer step (and its validation, when
-one is due) the whole training state goes atomically into checkpoint/: the prompt, the best prompt so
-far, the optimizer state and the counters. The checkpoint is the only state: on resume metrics.jsonl
-is cut back to its step and prompt.safetensors is restored from it, so a run stopped at any moment
-(Ctrl-C or kill -9) and resumed ends exactly where the uninterrupted run would. A resume whose task
-file or flags would change the result is refused with a list of what changed.
+What is trained is the method's business (methods/: a soft prompt by default); the loop only asks
+it for its trainable tensors, their state, and to save itself. After every optimizer step (and its
+validation, when one is due) the whole training state goes atomically into checkpoint/: the
+method's tensors, the best state so far, the optimizer state and the counters (a method that trains
+a whole model is checkpointed at validation steps only). The checkpoint is the only state: on
+resume metrics.jsonl is cut back to its step and the kept artifact is restored from it, so a run
+stopped at any moment (Ctrl-C or kill -9) and resumed ends exactly where the uninterrupted run
+would. A resume whose task file, method or flags would change the result is refused with a list of
+what changed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import plots
 from .artifact import INFO_FILE, RunInfo, write_atomic
 from .backbone import Backbone
-from .prompt import SoftPrompt, init_prompt
+from .methods import Method, method_class
 from .task import TaskError, TaskSpec, TrainSettings
 from .tasks import Task, make_task, summarize
 
@@ -84,19 +87,19 @@ def lr_at(step: int, total: int, settings: TrainSettings) -> float:
     return settings.lr
 
 
-def make_optimizer(prompt: SoftPrompt, settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            prompt.parameters(),
+            params,
             lr=settings.lr,
             scale_parameter=False,
             relative_step=False,
             warmup_init=False,
             weight_decay=settings.weight_decay,
         )
-    return torch.optim.AdamW(prompt.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def total_steps(settings: TrainSettings, n_train: int) -> int:
@@ -107,17 +110,22 @@ def total_steps(settings: TrainSettings, n_train: int) -> int:
 
 
 # -- what decides a run's result --------------------------------------------------------------
-def run_identity(spec: TaskSpec, backbone: Backbone) -> dict:
-    """Everything that decides the result: the model's weights, the task file's settings (the
-    template with its constants inlined, verbalizer, init, data, decoding, training) and the bytes
-    of every data file. A resumed run must match it exactly."""
+def run_identity(spec: TaskSpec, backbone: Backbone, method: str = "prompt") -> dict:
+    """Everything that decides the result: the method, the model's weights, the task file's
+    settings (the template with its constants inlined, verbalizer, init, data, decoding, training)
+    and the bytes of every data file. A resumed run must match it exactly."""
     files = {"train": spec.data.train, "dev": spec.data.dev, "validation": spec.data.validation}
     digests = {
         role: hashlib.sha256(spec.path(path).read_bytes()).hexdigest()[:16]
         for role, path in files.items()
         if path
     }
-    return {"model_fingerprint": backbone.fingerprint, **spec.model_dump(exclude={"model"}), "data_bytes": digests}
+    return {
+        "method": method,
+        "model_fingerprint": backbone.fingerprint,
+        **spec.model_dump(exclude={"model"}),
+        "data_bytes": digests,
+    }
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -165,8 +173,8 @@ class TrainState:
 
 @dataclass
 class Checkpoint:
-    prompt: torch.Tensor
-    best: torch.Tensor  # the best prompt so far, the one the run keeps
+    params: dict[str, torch.Tensor]  # the method's trainable tensors at this step
+    best: dict[str, torch.Tensor]  # the best state so far, the one the run keeps
     optimizer: dict
     state: TrainState
     identity: dict
@@ -174,13 +182,15 @@ class Checkpoint:
 
 def save_checkpoint(run: Path, checkpoint: Checkpoint) -> None:
     """Write checkpoint/ atomically: build it beside, then swap it in with renames."""
-    tensors = {"prompt": checkpoint.prompt.detach().cpu().contiguous(), "best": checkpoint.best.cpu().contiguous()}
-    scalars = {}
-    for key, value in checkpoint.optimizer["state"].get(0, {}).items():
-        if torch.is_tensor(value):
-            tensors[f"opt.{key}"] = value.detach().cpu().contiguous()
-        else:
-            scalars[key] = value
+    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in checkpoint.params.items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in checkpoint.best.items()})
+    scalars: dict[str, dict] = {}
+    for index, entry in checkpoint.optimizer.get("state", {}).items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
     tmp = run / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -188,7 +198,7 @@ def save_checkpoint(run: Path, checkpoint: Checkpoint) -> None:
     meta = {
         "state": asdict(checkpoint.state),
         "optimizer_scalars": scalars,
-        "param_groups": checkpoint.optimizer["param_groups"],
+        "param_groups": checkpoint.optimizer.get("param_groups", []),
         "identity": checkpoint.identity,
     }
     (tmp / "state.json").write_text(json.dumps(meta))
@@ -210,10 +220,17 @@ def find_checkpoint(run: Path) -> Path | None:
 def load_checkpoint(folder: Path) -> Checkpoint:
     tensors = load_file(str(folder / "state.safetensors"))
     meta = json.loads((folder / "state.json").read_text())
-    opt_state = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
-    opt_state.update(meta["optimizer_scalars"])
-    optimizer = {"state": {0: opt_state} if opt_state else {}, "param_groups": meta["param_groups"]}
-    return Checkpoint(tensors["prompt"], tensors["best"], optimizer, TrainState(**meta["state"]), meta["identity"])
+    params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
+    best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+    opt_state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            index, _, key = name[len("opt.") :].partition(".")
+            opt_state.setdefault(int(index), {})[key] = value
+    for index, entry in meta["optimizer_scalars"].items():
+        opt_state.setdefault(int(index), {}).update(entry)
+    optimizer = {"state": opt_state, "param_groups": meta["param_groups"]}
+    return Checkpoint(params, best, optimizer, TrainState(**meta["state"]), meta["identity"])
 
 
 # -- the log ----------------------------------------------------------------------------------
@@ -269,45 +286,71 @@ def train(
     resume: bool = False,
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
+    method: str = "prompt",
+    baselines: bool = True,
+    report: bool = True,
 ) -> RunInfo:
-    """Train a soft prompt for the task (classification or generation) and write the run folder `out`.
-    `on_step(step)` is called after each step is checkpointed."""
+    """Train `method` (methods.METHODS) for the task (classification or generation) and write the
+    run folder `out`. `on_step(step)` is called after each step. `baselines=False` skips zero-shot
+    prompting (compare scores it once, as a method); `report=False` skips scoring the dev rows (a
+    learning-rate search only needs validation). A method that changes the model's weights changes
+    `backbone`'s."""
     console = console or Console(stderr=True)
     run = Path(out)
+    kind = method_class(method)
     found = _resumable(run, resume)
     if backbone is None:
         with console.status(f"loading model {spec.model} ..."):
             backbone = Backbone.load(spec.model)
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
-    task = make_task(spec, backbone)  # reads and validates all data before anything is written
-    checkpoint, fresh = _starting_point(run, task, backbone, found, console)
+    task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
+    trainer = kind.build(task, backbone)
+    checkpoint, fresh = _starting_point(run, task, backbone, trainer, found, console)
     _warn_cuts(task, console)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
-    if not fresh:
-        SoftPrompt(checkpoint.best).save(run)  # the kept prompt as of the checkpoint, not a later step's
-    prompt = SoftPrompt(checkpoint.prompt).to(backbone.device)
-    task.use_prompt(prompt)
-    optimizer = make_optimizer(prompt, spec.train)
-    if not fresh:
+    if not fresh:  # the kept artifact as of the checkpoint, not a later step's
+        trainer.load_state(checkpoint.best)
+        trainer.save(run)
+    trainer.load_state(checkpoint.params)
+    task.use_method(trainer)
+    optimizer = make_optimizer(list(trainer.trainable().values()), task.spec.train) if kind.trains else None
+    if optimizer is not None and not fresh:
         optimizer.load_state_dict(checkpoint.optimizer)
-    steps = total_steps(spec.train, len(task.rows["train"]))
+    steps = total_steps(task.spec.train, len(task.rows["train"])) if kind.trains else 0
     log = Log(run, None if fresh else checkpoint.state.step)
     try:
         with Progress(*COLUMNS, console=console) as progress:
-            if fresh:  # baselines, then the step-0 checkpoint
-                _baselines(task, checkpoint, log, progress, console)
-                _commit(run, checkpoint, prompt, optimizer, best_changed=True)
-            _loop(run, task, checkpoint, prompt, optimizer, steps, log, progress, on_step)
-            info = _finish(run, task, checkpoint, log, progress, backbone)
+            if fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
+                _baselines(task, checkpoint, log, progress, console, baselines and kind.trains)
+                _commit(run, checkpoint, trainer, optimizer, best_changed=True, save=True)
+            _loop(run, task, checkpoint, trainer, optimizer, steps, log, progress, on_step)
+            info = _finish(run, task, checkpoint, trainer, settings, log, progress, backbone, report)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
         raise
     metrics = info.metrics
-    console.print(
-        f"kept the prompt of step {metrics['best_step']}; on {metrics['rows']['dev']} dev rows: "
-        f"{_describe(summarize(metrics['dev']))} (zero-shot: {_describe(metrics['dev_zero_shot'])}); saved to {run}"
-    )
+    kept = f"kept the state of step {metrics['best_step']}" if kind.trains else f"{method}: nothing to train"
+    if "dev" in metrics:
+        zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
+        console.print(f"{kept}; on {metrics['rows']['dev']} dev rows: {_describe(summarize(metrics['dev']))}{zero}; saved to {run}")
+    else:
+        console.print(f"{kept}; validation {task.spec.train.metric} {checkpoint.state.best:.3f}; saved to {run}")
     return info
+
+
+def _task_for(spec: TaskSpec, kind: type[Method], backbone: Backbone) -> tuple[Task, dict]:
+    """The task rendered with the method's template (soft tokens dropped, demonstrations added),
+    and what the method chose in making it."""
+    task = make_task(spec, backbone)
+    if kind.classification_only and task.kind != "classification":
+        raise TaskError(f"method {kind.name!r} is for classification tasks; {spec.template!r} is {task.kind}")
+    template, settings = kind.template_for(task)
+    if template == spec.template and not settings:
+        return task, settings
+    changed = spec.model_copy(deep=True)
+    changed.template = template
+    changed.train.max_length += settings.get("demonstration_tokens", 0)
+    return make_task(changed, backbone), settings
 
 
 def _resumable(run: Path, resume: bool) -> Path | None:
@@ -321,11 +364,11 @@ def _resumable(run: Path, resume: bool) -> Path | None:
 
 
 def _starting_point(
-    run: Path, task: Task, backbone: Backbone, found: Path | None, console: Console
+    run: Path, task: Task, backbone: Backbone, trainer: Method, found: Path | None, console: Console
 ) -> tuple[Checkpoint, bool]:
-    """The checkpoint to continue (refused when the task or model changed), or a fresh start from the
-    task's init; True when fresh. Creates the run folder."""
-    spec, identity = task.spec, run_identity(task.spec, backbone)
+    """The checkpoint to continue (refused when the task, method or model changed), or a fresh start
+    from the method's initial state; True when fresh. Creates the run folder."""
+    identity = run_identity(task.spec, backbone, trainer.name)
     if found is not None:
         checkpoint = load_checkpoint(found)
         _refuse_changed_resume(run, checkpoint.identity, identity)
@@ -334,9 +377,8 @@ def _starting_point(
     if run.exists() and any(run.iterdir()):
         console.print(f"{run} has no checkpoint yet: starting from the beginning")
     run.mkdir(parents=True, exist_ok=True)
-    start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, spec.train.seed)
-    vectors = start.vectors.detach()
-    return Checkpoint(vectors, vectors.clone(), {}, TrainState(), identity), True
+    start = trainer.state()
+    return Checkpoint(start, dict(start), {}, TrainState(), identity), True
 
 
 def _saved_step(run: Path) -> int:
@@ -344,35 +386,41 @@ def _saved_step(run: Path) -> int:
     return json.loads((found / "state.json").read_text())["state"]["step"] if found else 0
 
 
-def _baselines(task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console) -> None:
-    """Zero-shot prompting and the untrained prompt on the validation rows (step 0)."""
+def _baselines(
+    task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console, zero_shot: bool
+) -> None:
+    """Zero-shot prompting (unless `zero_shot` is False) and the untrained method on the validation
+    rows (step 0)."""
     n = len(task.rows["validation"])
-    with _phase(progress, "zero-shot (validation rows)", n) as advance:
-        zero = task.zero_shot("validation", advance)
-    with _phase(progress, "initial prompt (validation rows)", n) as advance:
-        initial = task.validate(advance)
     state = checkpoint.state
-    state.baseline = {"zero_shot": zero, "initial_prompt": initial}
+    if zero_shot:
+        with _phase(progress, "zero-shot (validation rows)", n) as advance:
+            state.baseline["zero_shot"] = task.zero_shot("validation", advance)
+    with _phase(progress, "initial state (validation rows)", n) as advance:
+        state.baseline["initial_prompt"] = task.validate(advance)
     for name, result in state.baseline.items():
         log.add(step=0, split="validation", variant=name, **result)
         console.print(f"{name.replace('_', ' ')} on {n} validation rows: {_describe(result)}")
-    state.best = initial[task.spec.train.metric]
+    state.best = state.baseline["initial_prompt"][task.spec.train.metric]
 
 
 def _loop(
     run: Path,
     task: Task,
     checkpoint: Checkpoint,
-    prompt: SoftPrompt,
-    optimizer: torch.optim.Optimizer,
+    trainer: Method,
+    optimizer: torch.optim.Optimizer | None,
     steps: int,
     log: Log,
     progress: Progress,
     on_step: Callable[[int], None] | None,
 ) -> None:
     settings, state = task.spec.train, checkpoint.state
+    if optimizer is None or state.step >= steps:
+        return
     stream = micro_batches(task.lengths(), settings, state.step * settings.grad_accum)
     metric = settings.metric
+    params = list(trainer.trainable().values())
     last = state.baseline.get("initial_prompt", {}).get(metric, float("nan"))
     bar = progress.add_task("training", total=steps, completed=state.step, info=f"validation {metric} {last:.3f}")
     while state.step < steps and not state.stopped_early:
@@ -388,21 +436,22 @@ def _loop(
             loss_sum += float(loss.detach())
             seen += len(index)
         if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(prompt.parameters(), settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         state.step += 1
         state.examples += seen
         state.train_seconds += time.perf_counter() - started
         log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
-        best_changed = False
-        if state.step % settings.eval_every == 0 or state.step == steps:
+        best_changed, validated = False, state.step % settings.eval_every == 0 or state.step == steps
+        if validated:
             with _phase(progress, "validating", len(task.rows["validation"])) as advance:
                 result = task.validate(advance)
             log.add(step=state.step, split="validation", **result)
             last = result[metric]
             best_changed = _judge(state, result[metric], settings.patience)
         committed = time.perf_counter()
-        _commit(run, checkpoint, prompt, optimizer, best_changed)
+        save = trainer.checkpoint_every_step or validated
+        _commit(run, checkpoint, trainer, optimizer, best_changed, save)
         state.train_seconds += time.perf_counter() - committed  # checkpointing is part of training's cost
         progress.update(bar, completed=state.step, info=f"loss {loss_sum:.3f}  validation {metric} {last:.3f}")
         if on_step is not None:
@@ -422,16 +471,23 @@ def _judge(state: TrainState, score: float, patience: int) -> bool:
 
 
 def _commit(
-    run: Path, checkpoint: Checkpoint, prompt: SoftPrompt, optimizer: torch.optim.Optimizer, best_changed: bool
+    run: Path,
+    checkpoint: Checkpoint,
+    trainer: Method,
+    optimizer: torch.optim.Optimizer | None,
+    best_changed: bool,
+    save: bool,
 ) -> None:
-    """The step is done: checkpoint first (the truth), then the kept prompt beside it."""
-    checkpoint.prompt = prompt.vectors.detach()
+    """The step is done: checkpoint first (the truth), then the kept artifact beside it. A step
+    that is not saved (a whole model between validations) is redone on resume."""
     if best_changed:
-        checkpoint.best = prompt.vectors.detach().cpu().clone()
-    checkpoint.optimizer = optimizer.state_dict()
-    save_checkpoint(run, checkpoint)
+        checkpoint.best = trainer.state()
+    if save:
+        checkpoint.params = trainer.state()
+        checkpoint.optimizer = optimizer.state_dict() if optimizer is not None else {}
+        save_checkpoint(run, checkpoint)
     if best_changed:
-        SoftPrompt(checkpoint.best).save(run)
+        trainer.save(run)
 
 
 def _describe(result: dict) -> str:
@@ -452,17 +508,30 @@ def _finish(
     run: Path,
     task: Task,
     checkpoint: Checkpoint,
+    trainer: Method,
+    settings: dict,
     log: Log,
     progress: Progress,
     backbone: Backbone,
+    report: bool,
 ) -> RunInfo:
-    """Score the kept prompt and zero-shot prompting on the report rows; write task.json and figures."""
+    """Score the kept state and zero-shot prompting on the report rows (unless `report` is False);
+    write task.json and figures."""
     state, spec = checkpoint.state, task.spec
-    task.use_prompt(SoftPrompt(checkpoint.best).to(backbone.device))
-    with _phase(progress, "scoring dev rows (kept prompt, then zero-shot)", 2 * len(task.rows["dev"])) as advance:
-        results = task.final(run, advance)
+    trainer.load_state(checkpoint.best)
+    task.use_method(trainer)
+    results: dict = {}
+    scored = time.perf_counter()
+    if report:
+        zero = "zero_shot" in state.baseline
+        rows = len(task.rows["dev"]) * (2 if zero else 1)
+        with _phase(progress, "scoring dev rows" + (" (kept state, then zero-shot)" if zero else ""), rows) as advance:
+            results = task.final(run, advance, zero_shot=zero)
+    eval_seconds = time.perf_counter() - scored
     info = RunInfo(
         kind=task.kind,
+        method=trainer.name,
+        method_settings={**settings, **trainer.info()},
         model=spec.model,
         fingerprint=backbone.fingerprint,
         template=spec.template,
@@ -473,6 +542,7 @@ def _finish(
         training=spec.train.model_dump(),
         **task.describe(),
     )
+    saved = trainer.save(run)
     info.metrics = {
         **results,
         "validation": {**state.baseline, "kept": {spec.train.metric: state.best}},
@@ -480,7 +550,11 @@ def _finish(
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "train_seconds": round(state.train_seconds, 2),
+        "train_examples": state.examples,
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
+        "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report and not state.baseline.get("zero_shot") else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.trainable().values()),
+        "saved_parameters": saved,
         "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},
         "cut_rows": {role: summary.rows for role, summary in task.cuts()},
     }

@@ -26,12 +26,14 @@ from ..artifact import ArtifactError, RunInfo, load_run
 from ..backbone import Backbone
 from ..classify import Classifier, LabelRow, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, GenRow
+from ..methods import SHARES_BASE
+from ..methods.prefix import PREFIX_FILE
 from ..prompt import PROMPT_FILE
 from ..prompted import Prefix
 from ..template import Encoded
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SERVABLE_METHODS = ("prompt",)  # methods whose artifact is a plain soft prompt on the unchanged model
+SERVABLE_METHODS = SHARES_BASE  # methods that leave the model's weights unchanged (prompts, prefixes, baselines)
 RUN_FILES = ("learning_curve.png", "confusion_matrix.png")  # figures the page may show
 
 
@@ -57,7 +59,7 @@ class ServedTask:
     info: RunInfo
     model: Classifier | Generator
     digest: str  # sha256 of the model fingerprint and the prompt's bytes
-    size_bytes: int  # prompt.safetensors on disk
+    size_bytes: int  # the prompt's (or prefix's) file on disk
 
     @property
     def kind(self) -> str:
@@ -168,9 +170,11 @@ class TaskBank:
             raise BankError(str(err)) from err
         prompt = model.lm.prompt
         digest = hashlib.sha256(self.backbone.fingerprint.encode())
-        if prompt is not None:
-            digest.update(prompt.vectors.detach().float().cpu().contiguous().numpy().tobytes())
-        task = ServedTask(name, folder, info, model, digest.hexdigest(), (folder / PROMPT_FILE).stat().st_size)
+        for key, tensor in sorted((prompt.tensors() if prompt is not None else {}).items()):
+            digest.update(key.encode())
+            digest.update(tensor.float().numpy().tobytes())
+        size = sum((folder / f).stat().st_size for f in (PROMPT_FILE, PREFIX_FILE) if (folder / f).is_file())
+        task = ServedTask(name, folder, info, model, digest.hexdigest(), size)
         with self.lock:
             self.tasks[name] = task
         return task

@@ -1,0 +1,1 @@
+"""softprompt compare: methods side by side on one task, and the report."""

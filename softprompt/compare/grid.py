@@ -1,0 +1,305 @@
+"""The grid of `softprompt compare`: which cells to run, running them, resuming, the budget.
+
+A cell is one training run (method, training-set size, seed, learning rate) in its own process, so
+its peak memory is its own (`os.wait4`) and a method that changes the model's weights (lora, full)
+cannot leak into the next cell. Every cell writes cells/ID.json when it finishes; a re-run skips
+finished cells. The learning-rate search runs first, on one seed at the smallest training-set size,
+and chooses on validation rows only; the final cells score the report rows (the test file), which
+nothing ever chose on. The budget counts the wall time of every finished cell, earlier invocations
+included; a cell that would not fit is reported as over budget, not dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ..methods import METHODS
+from ..train import METRICS_FILE
+
+ARTIFACT_FILES = ("prompt.safetensors", "prefix.safetensors", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
+# Before a method has a cell of its own, its time is guessed from prompt tuning's, scaled by these
+# factors (measured on SST-2 here: README, "Methods"); only to warn and to keep within the budget.
+TIME_FACTOR = {"lora": 1.1, "full": 2.5, "p-tuning": 1.0, "residual": 1.0, "prefix": 1.0}
+LONG_CELL_S = 600  # cells expected to take longer than this are announced with their estimate
+
+
+@dataclass(frozen=True)
+class Cell:
+    stage: str  # "search": chooses the learning rate; "final": reported
+    method: str
+    shots: str  # training rows per label ("16") or "all"
+    seed: int
+    lr: float | None  # None: nothing is trained
+
+    @property
+    def id(self) -> str:
+        lr = f"-lr{self.lr:g}" if self.stage == "search" else ""
+        return f"{self.stage}-{self.method}-{self.shots}-s{self.seed}{lr}"
+
+
+@dataclass
+class Plan:
+    task: Path
+    out: Path
+    methods: list[str]
+    shots: list[str]
+    seeds: list[int]
+    steps: int
+    test: Path | None  # the report rows (default: the task's dev file)
+    budget_s: float | None
+    model: str | None = None
+    lrs: dict[str, list[float]] | None = None  # per method; default: the method's own grid
+    extra: tuple[str, ...] = ()  # further `softprompt train` flags for every cell
+
+    def grid(self, method: str) -> list[float]:
+        return list((self.lrs or {}).get(method) or METHODS[method].lrs)
+
+
+def parse_budget(text: str | None) -> float | None:
+    """'90m', '2h', '3600s' or '3600' -> seconds."""
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*([\d.]+)\s*([smh]?)\s*", text)
+    if not match:
+        raise ValueError(f"--budget {text!r}: use seconds, or a number with s, m or h (e.g. 90m)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+class Runner:
+    """Runs cells in child processes, remembers what finished, and keeps to the budget."""
+
+    def __init__(self, plan: Plan, console: Console) -> None:
+        self.plan, self.console = plan, console
+        self.folder = plan.out / "cells"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def record(self, cell: Cell) -> dict | None:
+        path = self.folder / f"{cell.id}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def spent(self) -> float:
+        return sum(json.loads(p.read_text()).get("wall_seconds", 0.0) for p in self.folder.glob("*.json"))
+
+    def estimate(self, cell: Cell) -> float | None:
+        """Seconds the cell will take: the mean of finished cells of its method (and stage), else
+        prompt tuning's scaled by the method's factor."""
+        done = [json.loads(p.read_text()) for p in self.folder.glob("*.json")]
+        done = [d for d in done if d.get("status") == "done"]
+        for method, factor in ((cell.method, 1.0), ("prompt", TIME_FACTOR.get(cell.method, 1.0))):
+            times = [d["wall_seconds"] for d in done if d["method"] == method and d["stage"] == cell.stage]
+            if times:
+                return factor * sum(times) / len(times)
+        return None
+
+    def run(self, cell: Cell, index: int, total: int) -> dict:
+        """The cell's record: read back when it finished before, else run now (or over budget)."""
+        known = self.record(cell)
+        if known is not None and known.get("status") == "done":
+            return known
+        estimate = self.estimate(cell)
+        budget = self.plan.budget_s
+        if budget is not None and self.spent() + (estimate or 0.0) > budget:
+            return _stub(cell, "over_budget", f"the budget ({budget / 60:.0f} min) is spent")
+        guess = f", about {estimate / 60:.1f} min" if estimate else ""
+        self.console.rule(f"[bold]cell {index}/{total}: {cell.method}, shots {cell.shots}, seed {cell.seed}" + (f", lr {cell.lr:g}" if cell.lr else "") + guess)
+        if estimate and estimate > LONG_CELL_S:
+            self.console.print(f"[yellow]warning:[/] {cell.method} trains {_what(cell.method)}: this cell will take about {estimate / 60:.0f} minutes")
+        record = self._execute(cell)
+        (self.folder / f"{cell.id}.json").write_text(json.dumps(record, indent=1))
+        return record
+
+    def _execute(self, cell: Cell) -> dict:
+        run = self.folder / cell.id
+        if run.exists():  # an interrupted cell starts again from scratch (its own run resumes nothing)
+            import shutil
+
+            shutil.rmtree(run)
+        command = self._command(cell, run)
+        started = time.perf_counter()
+        child = subprocess.Popen(command)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        if child.returncode != 0:
+            if child.returncode in (-2, 130):
+                raise KeyboardInterrupt
+            return {**_stub(cell, "failed", f"`{shlex.join(command)}` exited with {child.returncode}"), "wall_seconds": wall}
+        return _from_run(cell, run, wall, usage.ru_maxrss / 1024)
+
+    def _command(self, cell: Cell, run: Path) -> list[str]:
+        plan = self.plan
+        command = [sys.executable, "-m", "softprompt.cli", "train", str(plan.task), "--out", str(run)]
+        command += ["--method", cell.method, "--seed", str(cell.seed), "--steps", str(plan.steps), "--no-zero-shot"]
+        if cell.lr is not None:
+            command += ["--lr", f"{cell.lr:g}"]
+        if cell.shots != "all":
+            command += ["--shots", cell.shots]
+        if plan.model:
+            command += ["--model", plan.model]
+        if cell.stage == "search":
+            command += ["--no-report"]
+        elif plan.test is not None:
+            command += ["--dev", str(plan.test)]
+        return command + list(plan.extra)
+
+
+def _what(method: str) -> str:
+    return METHODS[method].summary
+
+
+def _stub(cell: Cell, status: str, error: str | None) -> dict:
+    return {
+        "id": cell.id, "stage": cell.stage, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
+        "lr": cell.lr, "status": status, "error": error, "wall_seconds": 0.0, "curve": [],
+        "base_unchanged": not METHODS[cell.method].changes_base,
+    }
+
+
+def _from_run(cell: Cell, run: Path, wall: float, peak_mb: float) -> dict:
+    """A finished cell's record, from its run folder."""
+    info = json.loads((run / "task.json").read_text())
+    metrics = info["metrics"]
+    metric = info["training"]["metric"]
+    curve = []
+    for line in (run / METRICS_FILE).read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("split") == "validation" and entry.get("variant") in (None, "initial_prompt"):
+            curve.append({"step": entry["step"], "value": entry[metric]})
+    test = metrics.get("dev")
+    if test is not None:
+        test = {k: v for k, v in test.items() if k not in ("per_class", "rows")}
+    return {
+        **_stub(cell, "done", None),
+        "metric": metric,
+        "validation": metrics["validation"]["kept"][metric],
+        "test": test,
+        "trainable_params": metrics["trainable_parameters"],
+        "saved_params": metrics["saved_parameters"],
+        "artifact_bytes": sum((run / f).stat().st_size for f in ARTIFACT_FILES if (run / f).is_file()),
+        "train_seconds": metrics["train_seconds"],
+        "train_examples_per_s": metrics["train_examples_per_s"] if metrics["steps"] else None,
+        "eval_examples_per_s": metrics.get("eval_examples_per_s"),
+        "peak_rss_mb": round(peak_mb, 1),
+        "steps": metrics["steps"],
+        "best_step": metrics["best_step"],
+        "train_rows": metrics["rows"]["train"],
+        "examples_seen": metrics.get("train_examples", 0),
+        "wall_seconds": round(wall, 1),
+        "note": _note(info),
+        "run": str(run),
+    }
+
+
+def _note(info: dict) -> str | None:
+    settings = info.get("method_settings") or {}
+    if "demonstrations" in settings:
+        return f"{settings['demonstrations']} demonstrations ({settings['per_label']} per label, {settings['demonstration_tokens']} tokens)"
+    return None
+
+
+def search_cells(plan: Plan) -> list[Cell]:
+    """Every trained method at each of its learning rates, first seed, smallest training set."""
+    shots, seed = plan.shots[0], plan.seeds[0]
+    return [Cell("search", m, shots, seed, lr) for m in plan.methods if METHODS[m].trains for lr in plan.grid(m)]
+
+
+def choose_lr(method: str, records: list[dict]) -> float | None:
+    """The search's choice: the best validation score; ties go to the rate listed first."""
+    done = [r for r in records if r["method"] == method and r["status"] == "done"]
+    if not done:
+        return None
+    return max(done, key=lambda r: r["validation"])["lr"]
+
+
+def final_cells(plan: Plan, chosen: dict[str, float | None]) -> list[Cell]:
+    """Seeds outermost, so a budget that runs out cuts later seeds rather than whole methods.
+    Untrained methods that depend on neither training rows nor seed run once."""
+    cells: list[Cell] = []
+    for seed in plan.seeds:
+        for shots in plan.shots:
+            for method in plan.methods:
+                kind = METHODS[method]
+                if not kind.trains and method != "few-shot" and (seed, shots) != (plan.seeds[0], plan.shots[0]):
+                    continue
+                lr = (chosen.get(method) or kind.lr) if kind.trains else None  # not searched: the default
+                cells.append(Cell("final", method, shots, seed, lr))
+    return cells
+
+
+def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
+    """Run (or resume) the whole grid; returns every cell's record and the report's meta."""
+    from ..task import load_task
+
+    spec = load_task(plan.task)  # refuses a bad task file before any cell starts
+    kind = spec.kind
+    skipped = [m for m in plan.methods if METHODS[m].classification_only and kind != "classification"]
+    plan.methods = [m for m in plan.methods if m not in skipped]
+    started = time.perf_counter()
+    runner = Runner(plan, console)
+    search = search_cells(plan)
+    finals_guess = final_cells(plan, {})
+    total = len(search) + len(finals_guess)
+    records = [runner.run(cell, i + 1, total) for i, cell in enumerate(search)]
+    chosen = {m: choose_lr(m, records) for m in plan.methods if METHODS[m].trains}
+    for method, lr in chosen.items():
+        if lr is not None:
+            console.print(f"learning rate for {method}: {lr:g} (best validation of {plan.grid(method)})")
+    finals = final_cells(plan, chosen)
+    records += [runner.run(cell, len(search) + i + 1, total) for i, cell in enumerate(finals)]
+    records += _shared_baselines(records, plan)
+    notes = [f"{m} is for classification tasks: not run on this {kind} task" for m in skipped]
+    notes += [f"{m}: the learning-rate search did not finish; the final cells used the default {METHODS[m].lr:g}" for m, lr in chosen.items() if lr is None]
+    meta = {
+        "task": str(plan.task),
+        "model": plan.model or spec.model,
+        "kind": kind,
+        "metric": spec.train.metric,
+        "methods": plan.methods,
+        "shots": plan.shots,
+        "seeds": plan.seeds,
+        "steps": plan.steps,
+        "batch_size": spec.train.batch_size,
+        "report_rows": _rows_text(plan.test or spec.path(spec.data.dev) if (plan.test or spec.data.dev) else None),
+        "validation_rows": _validation_text(spec),
+        "budget_seconds": plan.budget_s,
+        "wall_seconds": round(runner.spent(), 1),
+        "this_run_seconds": round(time.perf_counter() - started, 1),
+        "notes": notes,
+        "chosen_lr": chosen,
+    }
+    return records, meta
+
+
+def _shared_baselines(records: list[dict], plan: Plan) -> list[dict]:
+    """zero-shot and calibrated depend on neither the training rows nor the seed: their one cell
+    stands for every training-set size."""
+    out = []
+    for record in records:
+        if record["stage"] == "final" and record["method"] in ("zero-shot", "calibrated"):
+            for shots in plan.shots[1:]:
+                out.append({**record, "shots": shots, "note": "one run: depends on neither training rows nor seed"})
+    return out
+
+
+def _rows_text(path) -> str:
+    if path is None:
+        return "a held-out slice of train"
+    path = Path(path)
+    lines = sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
+    return f"{path} ({lines} rows)"
+
+
+def _validation_text(spec) -> str:
+    limit = spec.train.eval_limit
+    source = spec.data.validation or f"a seeded, label-stratified slice of train ({spec.data.validation_fraction:.0%})"
+    return f"{source}" + (f", at most {limit} rows" if limit else "")

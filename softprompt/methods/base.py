@@ -1,0 +1,121 @@
+"""The method interface: what is trained and how it enters the frozen model.
+
+A method is a torch Module that owns its trainable tensors and answers five questions: which
+template it reads (with soft tokens or without), what the prompted model splices in (soft vectors,
+or keys/values in front of everything), whether it changes the base model's weights, what goes into
+the run folder, and how a run folder is loaded back. The training loop, checkpoints, resume and
+early stopping see only this interface: `trainable()`, `state()`/`load_state()`, `prompt()` and
+`save()`. Plain prompt tuning is the simplest method; the others override what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..backbone import Backbone
+from ..template import Template
+
+if TYPE_CHECKING:
+    from ..artifact import RunInfo
+    from ..tasks import Task
+
+
+class MethodError(ValueError):
+    """The method cannot be used with this task or run."""
+
+
+class Method(torch.nn.Module):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot, calibrated, few-shot)
+    changes_base: ClassVar[bool] = False  # True: the model's own weights change (one copy per task)
+    soft_tokens: ClassVar[bool] = True  # False: the template's soft tokens are dropped
+    classification_only: ClassVar[bool] = False
+    lr: ClassVar[float] = 0.0  # the default learning rate (what the search found best; README)
+    lrs: ClassVar[tuple[float, ...]] = ()  # the learning-rate search grid of `softprompt compare`
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone  # not a Module attribute: the base model's weights are not ours
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def template_for(cls, task: Task) -> tuple[str, dict]:
+        """The template text this method trains and is used with, and what it chose in making it
+        (recorded in task.json; `demonstration_tokens` there also widens train.max_length)."""
+        if cls.soft_tokens:
+            return task.spec.template, {}
+        return task.template.without_soft().source(), {}
+
+    @classmethod
+    def build(cls, task: Task, backbone: Backbone) -> Method:
+        """A fresh method, its random init drawn from the task's seed (so a run is reproducible
+        and a resumed run starts where its first start did)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(task.spec.train.seed)
+            return cls.create(task, backbone)
+
+    @classmethod
+    def create(cls, task: Task, backbone: Backbone) -> Method:
+        """A fresh method for a task already rendered with `template_for`'s template."""
+        return cls(backbone)
+
+    # -- what the loop and the model see ----------------------------------------------------
+    def prompt(self):
+        """What `PromptedLM` splices (an object with `vectors`, `length`, `prefix_kv()`), or None."""
+        return None
+
+    def apply(self, model):
+        """The task's classifier or generator with this method in it."""
+        return model.with_prompt(self.prompt())
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors by name, copied to the CPU (a checkpoint or the kept state)."""
+        return {name: p.detach().cpu().clone() for name, p in self.trainable().items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.trainable().items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+
+    @property
+    def checkpoint_every_step(self) -> bool:
+        """Small states are checkpointed after every step; a whole model's only at validations."""
+        return not self.changes_base
+
+    # -- the run folder -----------------------------------------------------------------------
+    def save(self, run: Path) -> int:
+        """Write the artifact into the run folder; returns how many parameters it holds."""
+        return 0
+
+    def info(self) -> dict:
+        """Fields of task.json this method sets (besides its name)."""
+        return {}
+
+    @classmethod
+    def load(cls, run: Path, info: RunInfo, backbone: Backbone):
+        """What a run folder of this method puts into the model: the prompt for `PromptedLM`
+        (or None); methods that change the base model change `backbone` here."""
+        return None
+
+
+def parameters_of(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def soft_span(template: Template) -> None:
+    """Refuse templates whose soft tokens are not one run before the first input field."""
+    kinds = [s.kind for s in template.segments]
+    first_field = min(i for i, k in enumerate(kinds) if k in ("field", "slot"))
+    soft = [i for i, k in enumerate(kinds) if k == "soft"]
+    if len(soft) != 1 or soft[0] > first_field:
+        raise MethodError(
+            f"prefix tuning puts its keys and values in the shared prefix, so the template's soft tokens must be "
+            f"one {{soft:N}} before the first input field: {template.text!r}"
+        )

@@ -1,0 +1,74 @@
+"""`lora`: low-rank updates of the attention's query and value projections through PEFT (Hu et al.
+2021), on the same model, data pipeline and loss. The base weights stay as they are, but every
+forward pass goes through the adapters, so a LoRA run cannot share a server's frozen model with
+other tasks the way prompts do. Saved in PEFT's own adapter format (adapter_config.json +
+adapter_model.safetensors), so PEFT loads it too. Rank 8, alpha 16, no dropout (the model runs in
+eval mode, as for every method here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from ..backbone import Backbone
+from .base import Method
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none")
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = f"rank-{RANK} updates of the attention {'/'.join(TARGETS)} projections (PEFT)"
+    changes_base = True
+    soft_tokens = False
+    lr = 1e-3
+    lrs = (3e-4, 1e-3, 3e-3)
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__(backbone)
+        _inject(backbone)
+        for name, p in backbone.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.backbone.model.named_parameters() if p.requires_grad}
+
+    def save(self, run: Path) -> int:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.backbone.model).items()}
+        save_file(tensors, str(Path(run) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = lora_config()
+        config.base_model_name_or_path = self.backbone.spec
+        config.save_pretrained(str(run))
+        return sum(t.numel() for t in tensors.values())
+
+    @classmethod
+    def load(cls, run: Path, info, backbone: Backbone):
+        from ..artifact import ArtifactError
+
+        path = Path(run) / ADAPTER_WEIGHTS
+        try:
+            tensors = load_file(str(path))
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise ArtifactError(f"{path}: not a LoRA adapter file: {err}") from err
+        _inject(backbone)
+        result = set_peft_model_state_dict(backbone.model, tensors)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise ArtifactError(f"{path}: the adapter lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+        backbone.model.requires_grad_(False)
+        return None
+
+
+def _inject(backbone: Backbone) -> None:
+    """Put zero-initialised adapters into the backbone's model, in place."""
+    inject_adapter_in_model(lora_config(), backbone.model)
+    backbone.model.to(backbone.device)
