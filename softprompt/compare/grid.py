@@ -222,8 +222,8 @@ def choose_lr(method: str, records: list[dict]) -> float | None:
 
 
 def final_cells(plan: Plan, chosen: dict[str, float | None]) -> list[Cell]:
-    """Seeds outermost, so a budget that runs out cuts later seeds rather than whole methods.
-    Untrained methods that depend on neither training rows nor seed run once."""
+    """The reported cells, seeds outermost (a budget that runs out cuts later seeds rather than
+    whole methods). Untrained methods that depend on neither training rows nor seed run once."""
     cells: list[Cell] = []
     for seed in plan.seeds:
         for shots in plan.shots:
@@ -247,15 +247,22 @@ def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
     started = time.perf_counter()
     runner = Runner(plan, console)
     search = search_cells(plan)
-    finals_guess = final_cells(plan, {})
-    total = len(search) + len(finals_guess)
-    records = [runner.run(cell, i + 1, total) for i, cell in enumerate(search)]
-    chosen = {m: choose_lr(m, records) for m in plan.methods if METHODS[m].trains}
-    for method, lr in chosen.items():
-        if lr is not None:
-            console.print(f"learning rate for {method}: {lr:g} (best validation of {plan.grid(method)})")
-    finals = final_cells(plan, chosen)
-    records += [runner.run(cell, len(search) + i + 1, total) for i, cell in enumerate(finals)]
+    total = len(search) + len(final_cells(plan, {}))
+    records: list[dict] = []
+    chosen: dict[str, float | None] = {}
+
+    def run(cells: list[Cell]) -> None:
+        for cell in cells:
+            records.append(runner.run(cell, len(records) + 1, total))
+
+    for method in plan.methods:  # each method's search, then its first seed: complete rows early
+        run([c for c in search if c.method == method])
+        if METHODS[method].trains:
+            chosen[method] = choose_lr(method, records)
+            if chosen[method] is not None:
+                console.print(f"learning rate for {method}: {chosen[method]:g} (best validation of {plan.grid(method)})")
+        run([c for c in final_cells(plan, chosen) if c.method == method and c.seed == plan.seeds[0]])
+    run([c for c in final_cells(plan, chosen) if c.seed != plan.seeds[0]])
     records += _shared_baselines(records, plan)
     notes = [f"{m} is for classification tasks: not run on this {kind} task" for m in skipped]
     notes += [f"{m}: the learning-rate search did not finish; the final cells used the default {METHODS[m].lr:g}" for m, lr in chosen.items() if lr is None]
