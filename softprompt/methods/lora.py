@@ -69,6 +69,10 @@ class LoRA(Method):
 
 
 def _inject(backbone: Backbone) -> None:
-    """Put zero-initialised adapters into the backbone's model, in place."""
+    """Put zero-initialised adapters into the backbone's model, in place. They are kept in fp32
+    whatever the body runs in (bf16 on CUDA), as soft prompts are: PEFT casts each layer's input
+    to its adapter's dtype and the result back."""
     inject_adapter_in_model(lora_config(), backbone.model)
-    backbone.model.to(backbone.device)
+    for name, p in backbone.model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(backbone.device, torch.float32)
