@@ -20,7 +20,7 @@ from .generate import DecodeConfig, Generator
 from .metrics import classification_report
 from .methods import METHODS, MethodError
 from .peft_interop import export_peft, import_peft
-from .prompt import InitError
+from .prompt import InitError, SoftPrompt
 from .task import GenerationSpec, TaskError, load_task
 from .tasks import score_generations, write_predictions
 from .template import TemplateError, summarize_cuts
@@ -346,7 +346,8 @@ def inspect(
     except USER_ERRORS as err:
         _fail(err)
     prompt, backbone = task_model.lm.prompt, task_model.backbone
-    assert prompt is not None
+    if not isinstance(prompt, SoftPrompt):
+        _fail(ArtifactError(f"{run}: a {info.method!r} run holds no soft vectors to inspect"))
     vocab_norm = prompt.vocab_norm(backbone)
     table = Table(
         "#",

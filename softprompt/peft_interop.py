@@ -24,6 +24,7 @@ from .template import Template
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "softprompt_task.json"
+PROMPT_METHODS = ("prompt", "residual", "p-tuning")  # runs saved as a plain soft prompt
 
 
 def _template(info: RunInfo) -> Template:
@@ -34,6 +35,11 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
     """Write a PEFT prompt-tuning adapter (config + `prompt_embeddings`) for a run."""
     info = RunInfo.read(run)
     check_model(info, backbone, run)
+    if info.method not in PROMPT_METHODS:
+        raise ArtifactError(
+            f"{run}: a {info.method!r} run holds no soft prompt; export writes PEFT prompt-tuning adapters "
+            f"(runs of {', '.join(PROMPT_METHODS)})" + (": a lora run is already a PEFT adapter" if info.method == "lora" else "")
+        )
     template = _template(info)
     soft = [i for i, s in enumerate(template.segments) if s.kind == "soft"]
     if soft != [0]:

@@ -193,3 +193,16 @@ def test_a_prefix_run_is_served_beside_a_prompt_run_and_answers_as_it_does_alone
         expected = alone.predict_proba(alone.encode([{"text": t} for t in texts]))
         got = [a for a, (n, _) in zip(answers, [(n, t) for t in texts for n in ("prefix", "prompt", "calibrated")]) if n == name]
         torch.testing.assert_close(torch.tensor([list(a["probabilities"].values()) for a in got]), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["prefix", "lora"])
+def test_export_and_inspect_refuse_runs_that_hold_no_soft_prompt(name, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from softprompt.cli import app
+
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=1))
+    train(spec, tmp_path / "run", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name, baselines=False)
+    for args in (["export", str(tmp_path / "run"), "--peft", str(tmp_path / "peft")], ["inspect", str(tmp_path / "run")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and f"a {name!r} run holds no soft" in result.output.replace("\n", " ")

@@ -232,7 +232,7 @@ Block = Heading | Paragraph | Table | Bullets | Image
 
 def summary_table(rows: list[dict], meta: dict) -> Table:
     """The main table: one line per (method, shots) row of `summarize`."""
-    headers = ["method", "shots", _metric_header(meta["metric"]), "seeds", "trainable params"]
+    headers = ["method", "shots", _metric_header(meta["metric"]), "seeds", "train rows / seen", "trainable params"]
     headers += ["saved params", "artifact", "train time", "train ex/s", "eval ex/s", "peak memory (MB)"]
     headers += ["lr", "base unchanged", "status"]
     return Table(headers, [_summary_line(r) for r in rows])
@@ -244,6 +244,7 @@ def _summary_line(r: dict) -> list[str]:
         r["shots"],
         _score(r["metric"], r["mean"], r["sd"]),
         f"{r['seeds_done']}/{r['seeds_planned']}",
+        f"{_count(r['train_rows'])} / {_count(r['examples_seen'])}",
         _count(r["trainable_params"]),
         _count(r["saved_params"]),
         _bytes(r["artifact_bytes"]),
