@@ -480,6 +480,8 @@ def compare(
     budget: Annotated[Optional[str], typer.Option(help="wall time for the whole grid, e.g. 90m or 2h; cells beyond it are reported as over budget")] = None,
     lrs: Annotated[Optional[list[str]], typer.Option("--lrs", help="METHOD=LR,LR,... learning rates to search (repeatable; default: each method's grid)")] = None,
     model: Annotated[Optional[str], typer.Option(help="override the task's model")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="validation rows at most (a seeded, label-stratified sample)")] = None,
+    report_limit: Annotated[Optional[int], typer.Option(help="report on at most N of the test rows (a seeded, label-stratified sample)")] = None,
 ) -> None:
     """Run methods side by side on the same split, model, loss and steps; write report.md,
     report.html and report.json (dev metric, parameters, artifact size, time, memory, lr chosen)."""
@@ -501,6 +503,7 @@ def compare(
             task=task, out=out, methods=names, shots=[s.strip() for s in shots.split(",")],
             seeds=[int(s) for s in seeds.split(",")], steps=steps or spec.train.steps or 300,
             test=test_rows, budget_s=parse_budget(budget), model=model, lrs=grids,
+            extra=tuple(f"--{flag}={value}" for flag, value in (("eval-limit", eval_limit), ("report-limit", report_limit)) if value),
         )
         records, meta = run_compare(plan, console)
     except (*USER_ERRORS, ValueError) as err:

@@ -72,3 +72,27 @@ def test_cells_beyond_the_budget_are_reported_as_over_budget(tmp_path, tiny_mode
     statuses = [r["status"] for r in data["summary"]]
     assert len(statuses) == 8 and any(s.startswith("over budget") for s in statuses)
     assert "over budget" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_compare_works_for_a_generation_task_and_skips_calibration(tmp_path, tiny_model_dir):
+    pairs = [("def add(a, b): return a + b", "function add(a, b) { return a + b; }"),
+             ("def neg(a): return -a", "function neg(a) { return -a; }")]
+    rows = [{"code": p, "js": j} for p, j in pairs]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = tmp_path / "task.yaml"
+    task.write_text(
+        f"model: {tiny_model_dir}\n"
+        "template: '{soft:4} Python: {code} JavaScript: {target}'\n"
+        "data: {train: train.jsonl, dev: dev.jsonl, target: js, validation_fraction: 0.25}\n"
+        "generation: {metrics: [chrf, bleu], max_new_tokens: 6}\n"
+        "train: {steps: 2, batch_size: 4, eval_every: 2}\n"
+    )
+    args = ["compare", str(task), "--out", str(tmp_path / "report"), "--methods", "zero-shot,calibrated,few-shot,prefix",
+            "--shots", "all", "--seeds", "0", "--lrs", "prefix=0.01"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["method"] for r in data["summary"]] == ["zero-shot", "few-shot", "prefix"]
+    assert all(r["status"] == "done" and r["metric"] == "chrf" for r in data["summary"])
+    assert any("calibrated is for classification" in n for n in data["meta"]["notes"])
