@@ -17,8 +17,8 @@ from .artifact import ArtifactError, load_run
 from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
 from .generate import DecodeConfig, Generator
-from .metrics import classification_report
 from .methods import METHODS, MethodError
+from .metrics import classification_report
 from .peft_interop import export_peft, import_peft
 from .prompt import InitError, SoftPrompt
 from .task import GenerationSpec, TaskError, load_task

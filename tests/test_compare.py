@@ -38,6 +38,7 @@ def test_compare_reports_every_method_and_training_set_size(report, tiny_backbon
     assert rows["zero-shot", "all"]["trainable_params"] == 0
     finals = [c for c in data["cells"] if c["stage"] == "final" and c["status"] == "done"]
     assert all(c["test"]["n"] == 10 for c in finals)  # the --test rows, all of them
+    assert all(c["curve"][0]["step"] == 0 and c["curve"][-1]["step"] == 2 for c in finals if c["method"] == "prompt")
     assert {c["train_rows"] for c in finals if c["method"] == "prompt"} == {4, 18}  # 2 per label; all 18 after validation took 2
     for name in ("report.md", "report.html", "report.json"):
         assert (folder / "report" / name).is_file()

@@ -171,11 +171,6 @@ def _from_run(cell: Cell, run: Path, wall: float, peak_mb: float) -> dict:
     info = json.loads((run / "task.json").read_text())
     metrics = info["metrics"]
     metric = info["training"]["metric"]
-    curve = []
-    for line in (run / METRICS_FILE).read_text().splitlines():
-        entry = json.loads(line)
-        if entry.get("split") == "validation" and entry.get("variant") in (None, "initial_prompt"):
-            curve.append({"step": entry["step"], "value": entry[metric]})
     test = metrics.get("dev")
     if test is not None:
         test = {k: v for k, v in test.items() if k not in ("per_class", "rows")}
@@ -196,9 +191,20 @@ def _from_run(cell: Cell, run: Path, wall: float, peak_mb: float) -> dict:
         "train_rows": metrics["rows"]["train"],
         "examples_seen": metrics.get("train_examples", 0),
         "wall_seconds": round(wall, 1),
+        "curve": validation_curve(run, metric),
         "note": _note(info),
         "run": str(run),
     }
+
+
+def validation_curve(run: Path, metric: str) -> list[dict]:
+    """The run's validation metric by step (step 0: the untrained method)."""
+    curve = []
+    for line in (run / METRICS_FILE).read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("split") == "validation" and entry.get("variant") in (None, "initial_prompt"):
+            curve.append({"step": entry["step"], "value": entry[metric]})
+    return curve
 
 
 def _note(info: dict) -> str | None:
