@@ -21,13 +21,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import _save, _tokenizer  # noqa: E402  (the tests' byte-level tokenizer)
-from helpers import write_task  # noqa: E402
-
 from softprompt.backbone import Backbone  # noqa: E402
 from softprompt.methods import METHODS, method_class  # noqa: E402
 from softprompt.task import load_task  # noqa: E402
 from softprompt.train import _task_for  # noqa: E402
+
+from conftest import _save, _tokenizer  # noqa: E402  (the tests' byte-level tokenizer)
+from helpers import write_task  # noqa: E402
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
