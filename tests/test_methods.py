@@ -206,3 +206,18 @@ def test_export_and_inspect_refuse_runs_that_hold_no_soft_prompt(name, tmp_path,
     for args in (["export", str(tmp_path / "run"), "--peft", str(tmp_path / "peft")], ["inspect", str(tmp_path / "run")]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and f"a {name!r} run holds no soft" in result.output.replace("\n", " ")
+
+
+@pytest.mark.parametrize("name", ["residual", "p-tuning", "lora"])
+def test_a_method_s_random_init_depends_on_the_task_seed_alone(name, tmp_path, tiny_model_dir):
+    """A run resumed in a new process must rebuild the same start, whatever the global RNG holds."""
+    states = []
+    for global_seed, task_seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(global_seed)
+        folder = tmp_path / f"{global_seed}-{task_seed}"
+        folder.mkdir()
+        spec = load_task(write_task(folder, tiny_model_dir, extra=f", seed: {task_seed}"))
+        task, _ = _task_for(spec, method_class(name), Backbone.load(str(tiny_model_dir)))
+        states.append(method_class(name).build(task, task.model.backbone).state())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
