@@ -24,7 +24,6 @@ from .codecheck import parses, run_tests
 from .data import DataError, Example, few_shot, held_out_size, hold_out, load_examples
 from .generate import DecodeConfig, Generator, GenRows
 from .metrics import classification_report, generation_scores
-from .prompt import SoftPrompt
 from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskError, TaskSpec
 from .template import CutSummary, Template, summarize_cuts
 from .verbalizer import Verbalizer
@@ -109,10 +108,6 @@ class Task:
             )
 
     # -- what the loop asks for ---------------------------------------------------------------
-    def use_prompt(self, prompt: SoftPrompt) -> None:
-        """Put a prompt in the model (its length is checked against the template there)."""
-        self.model = self.model.with_prompt(prompt)
-
     def use_method(self, method) -> None:
         """Put a training method (methods/) in the model: its prompt, prefix or calibration."""
         self.model = method.apply(self.model)

@@ -169,6 +169,7 @@ class TrainState:
     examples: int = 0
     train_seconds: float = 0.0
     baseline: dict = field(default_factory=dict)  # validation at step 0: zero-shot and initial prompt
+    saved_parameters: int = 0  # parameters in the kept artifact, as its last save wrote it
 
 
 @dataclass
@@ -310,7 +311,7 @@ def train(
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
     if not fresh:  # the kept artifact as of the checkpoint, not a later step's
         trainer.load_state(checkpoint.best)
-        trainer.save(run)
+        checkpoint.state.saved_parameters = trainer.save(run)
     trainer.load_state(checkpoint.params)
     task.use_method(trainer)
     optimizer = make_optimizer(list(trainer.trainable().values()), task.spec.train) if kind.trains else None
@@ -487,7 +488,7 @@ def _commit(
         checkpoint.optimizer = optimizer.state_dict() if optimizer is not None else {}
         save_checkpoint(run, checkpoint)
     if best_changed:
-        trainer.save(run)
+        checkpoint.state.saved_parameters = trainer.save(run)
 
 
 def _describe(result: dict) -> str:
@@ -542,7 +543,6 @@ def _finish(
         training=spec.train.model_dump(),
         **task.describe(),
     )
-    saved = trainer.save(run)
     info.metrics = {
         **results,
         "validation": {**state.baseline, "kept": {spec.train.metric: state.best}},
@@ -554,7 +554,7 @@ def _finish(
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
         "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report and not state.baseline.get("zero_shot") else None,
         "trainable_parameters": sum(p.numel() for p in trainer.trainable().values()),
-        "saved_parameters": saved,
+        "saved_parameters": state.saved_parameters,  # the kept artifact is on disk since its step
         "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},
         "cut_rows": {role: summary.rows for role, summary in task.cuts()},
     }

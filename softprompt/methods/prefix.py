@@ -16,8 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..backbone import Backbone, KeyValues, Layout
+from ..backbone import Backbone, KeyValues
 from ..prompt import init_prompt
+from ..prompted import PromptedLM
 from ..template import soft_id
 from .base import Method, soft_span
 
@@ -62,14 +63,10 @@ class PrefixTuning(Method):
         spec, prefix = task.spec, task.rows["train"].encoded.prefix
         first = prefix.index(soft_id(0))
         start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, spec.train.seed)
-        with torch.no_grad():
-            if first:  # what comes before the soft tokens (a BOS) is seen by their keys too
-                _, context = backbone.run(backbone.embed(torch.tensor([prefix[:first]])), Layout.of(torch.arange(first)[None]))
-            else:
-                context = None
-            positions = torch.arange(first, first + start.length)[None]
-            _, context = backbone.run(start.vectors[None].to(backbone.device), Layout.of(positions), context)
-        kv = [(layer.keys[:, :, first:].float(), layer.values[:, :, first:].float()) for layer in context.cache.layers]
+        lm = PromptedLM(backbone, start.to(backbone.device), start.length)
+        with torch.no_grad():  # the prefix up to the soft span's end (a BOS before it is seen too)
+            states = lm.run_prefix(prefix[: first + start.length])
+        kv = [(k[:, :, first:].float(), v[:, :, first:].float()) for k, v in states.kv]
         return cls(backbone, PrefixKV(kv, first))
 
     def prompt(self):
