@@ -761,8 +761,8 @@ def test_long_running_decodings_forget_the_rows_they_have_answered(client, bank,
         return decodings[-1]
 
     monkeypatch.setattr(bank, "start_decoding", spy)
-    generate(client, "summ", CODE, max_new_tokens=6)
-    wait_until(lambda: decodings and decodings[-1].done, "the decoding to end")
+    generate(client, "summ", CODE, max_new_tokens=6).raise_for_status()
+    assert decodings[-1].done
     assert decodings[-1].rows == [None] * len(CODE) and decodings[-1].generated == [[]] * len(CODE)
 
 

@@ -265,11 +265,12 @@ class Scheduler:
         run.left[id(job)] -= 1
         if run.left[id(job)] == 0 and not job.future.done():
             rows = run.members.pop(id(job))
-            job.future.set_result([_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows])
+            answers = [_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows]
             for r, i in rows:  # a decoding that never empties must not keep every answered row
                 run.decoding.release(r)
                 run.owners[r], run.texts[r] = (None, i), ""
             del run.left[id(job)]
+            job.future.set_result(answers)  # last: whoever reads the answer finds the rows released
 
 
 def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:
