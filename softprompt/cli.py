@@ -1,4 +1,4 @@
-"""The `softprompt` command line: train, eval, predict, inspect, model."""
+"""The `softprompt` command line: train, doctor, eval, predict, inspect, model."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .artifact import ArtifactError, load_run
 from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
+from .doctor import ZERO_SHOT_ROWS, diagnose
 from .generate import DecodeConfig, Generator
 from .methods import METHODS, MethodError
 from .metrics import classification_report
 from .peft_interop import export_peft, import_peft
 from .prompt import InitError, SoftPrompt
 from .task import GenerationSpec, TaskError, load_task
-from .tasks import score_generations, write_predictions
+from .tasks import ROLES, make_task, score_generations, write_predictions
 from .template import TemplateError, summarize_cuts
 from .verbalizer import VerbalizerError
 
@@ -138,6 +140,43 @@ def train(
         _fail(err)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+@app.command()
+def doctor(
+    task: Annotated[Path, typer.Argument(help="task file (YAML)")],
+    model: Annotated[
+        Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")
+    ] = None,
+    zero_shot: Annotated[
+        bool,
+        typer.Option(
+            "--zero-shot/--no-zero-shot",
+            help=f"score up to {ZERO_SHOT_ROWS} validation rows with plain prompting and compare with chance",
+        ),
+    ] = True,
+) -> None:
+    """Check a task before training it: label words, where the label sits, label balance, cut
+    inputs, the step budget, rows shared between train and the other roles, zero-shot accuracy.
+    Each problem comes with its fix. Exit code 1 when there is a warning, 2 when the task cannot be read."""
+    try:
+        spec = load_task(task, {"model": model})
+        with console.status(f"loading model {spec.model} ..."):
+            backbone = Backbone.load(spec.model)
+        checked = make_task(spec, backbone)
+        with console.status("checking" + (" (scoring zero-shot)" if zero_shot else "") + " ..."):
+            findings = diagnose(checked, backbone, zero_shot=zero_shot)
+    except USER_ERRORS as err:
+        _fail(err)
+    show = Console()
+    for finding in findings:
+        show.print(f"{finding.console_line()} [dim]({finding.code})", highlight=False, soft_wrap=True)
+    warnings = sum(f.level == "warn" for f in findings)
+    rows = ", ".join(f"{len(getattr(checked.splits, role))} {role}" for role in ROLES)
+    verdict = f"{warnings} warnings, {len(findings) - warnings} notes" if findings else "no problems found"
+    show.print(f"[bold]{escape(str(task))}[/]: {verdict} ({checked.kind}; {rows} rows; model {spec.model})", highlight=False, soft_wrap=True)
+    if warnings:
+        raise typer.Exit(1)
 
 
 def _decode_options(
