@@ -4,6 +4,7 @@ prompt.safetensors   the soft prompt (fp32, tensor `prompt`); prompt, residual a
 prefix.safetensors   prefix runs: keys and values per layer
 adapter_model.safetensors + adapter_config.json   lora runs (PEFT's format)
 model.safetensors    full fine-tuning runs: the whole model
+labels.safetensors   learned label vectors (task label_vectors: true), [words, hidden] fp32
 task.json            method, template, verbalizer, base-model fingerprint, settings, metrics
 metrics.jsonl        the training log (loss per step, validation results)
 learning_curve.png, confusion_matrix.png
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .backbone import Backbone
 from .classify import Classifier
 from .data import DataError
 from .generate import Generator
+from .methods.base import LABELS_FILE
 from .prompt import PROMPT_FILE, SoftPrompt
 from .template import Template
 from .verbalizer import Verbalizer
@@ -53,6 +56,8 @@ class RunInfo(BaseModel):
     soft_tokens: int
     max_length: int
     init: str
+    label_scores: str = "sum"  # classification: a word's score, the sum or the mean of its tokens'
+    label_vectors: bool = False  # classification: labels.safetensors holds learned label vectors
     training: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)
     # imported PEFT prompts: how the adapter was matched to the base model ("fingerprint",
@@ -127,7 +132,28 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
     verbalizer = Verbalizer.from_spec(info.verbalizer or {})
     prior = info.method_settings.get("calibration")
     prior = torch.tensor(prior) if prior is not None else None
-    return Classifier(backbone, Template.parse(info.template), verbalizer, prompt, info.max_length, prior), info
+    rows = load_label_rows(run, len(verbalizer.all_words()), backbone) if info.label_vectors else None
+    model = Classifier(
+        backbone, Template.parse(info.template), verbalizer, prompt, info.max_length, prior,
+        length_norm=info.label_scores == "mean", label_rows=rows,
+    )
+    return model, info
+
+
+def load_label_rows(run: str | Path, choices: int, backbone: Backbone) -> torch.Tensor:
+    """A run's learned label vectors, refused unless a finite [choices, hidden_size] matrix."""
+    path = Path(run) / LABELS_FILE
+    try:
+        rows = load_file(str(path))["label_rows"]
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: file not found (task.json says the run has learned label vectors)") from err
+    except (SafetensorError, KeyError) as err:
+        raise ArtifactError(f"{path}: not a label-vector file ({err})") from err
+    if tuple(rows.shape) != (choices, backbone.hidden_size) or not torch.isfinite(rows).all():
+        raise ArtifactError(
+            f"{path}: expected finite label vectors of shape [{choices}, {backbone.hidden_size}], got {list(rows.shape)}"
+        )
+    return rows.float().to(backbone.device)
 
 
 def load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:

@@ -432,7 +432,8 @@ class Backbone:
         )
         return out.last_hidden_state, Context(out.cache, keys)
 
-    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Final-logit soft-capping where the model has it (Gemma 2); the identity elsewhere."""
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -444,11 +445,16 @@ class Backbone:
         logits = hidden.float() @ rows.T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[token_ids].float()
-        return self._cap(logits)
+        return self.cap_logits(logits)
+
+    def output_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[K, H] fp32 copies of the output projection's rows for these tokens (a learned head's start)."""
+        head = self.model.get_output_embeddings()
+        return head.weight[token_ids.to(self.device)].detach().float().clone()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (fp32): for generation, never for classification."""
-        return self._cap(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
+        return self.cap_logits(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
 
     def token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) at each position, normalised over the whole vocabulary ([N, H], [N] -> [N]).

@@ -43,26 +43,49 @@ class Classifier:
         prompt: Prompt | None,
         max_length: int = DEFAULT_MAX_LENGTH,
         prior: torch.Tensor | None = None,
+        length_norm: bool = False,
+        label_rows: torch.Tensor | None = None,
     ) -> None:
         """`prior`: [L] label probabilities on content-free inputs, divided out of every prediction
-        (contextual calibration, methods/zero_shot.py); None leaves scores as the model gives them."""
+        (contextual calibration, methods/zero_shot.py); None leaves scores as the model gives them.
+        `length_norm`: a word's score is its mean log-probability per token, so long label names are
+        not penalised (the task's `label_scores: mean`). `label_rows`: [C, H] output vectors that read
+        each choice's first token in place of the frozen output rows (learned label vectors, WARP)."""
         self.backbone = backbone
         self.template = template
         self.verbalizer = verbalizer
         self.lm = PromptedLM(backbone, prompt, template.soft_tokens)
         self.max_length = max_length
         self.choices: Choices = verbalizer.choices(backbone, template.slot_lead)
-        self.log_prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32).log()
+        self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
+        self.log_prior = None if prior is None else self.prior.log()
+        self.length_norm = length_norm
+        self.label_rows = label_rows
 
-    def calibrated(self, prior: torch.Tensor) -> Classifier:
-        """The same classifier with contextual calibration by `prior`."""
-        return Classifier(self.backbone, self.template, self.verbalizer, self.lm.prompt, self.max_length, prior)
+    def _with(self, **changes) -> Classifier:
+        """A copy with some of the constructor's arguments changed."""
+        now = dict(
+            template=self.template, prompt=self.lm.prompt, max_length=self.max_length, prior=self.prior,
+            length_norm=self.length_norm, label_rows=self.label_rows,
+        )
+        return Classifier(self.backbone, verbalizer=self.verbalizer, **{**now, **changes})
+
+    def calibrated(self, prior: torch.Tensor | None) -> Classifier:
+        """The same classifier with contextual calibration by `prior` (None: uncalibrated)."""
+        return self._with(prior=prior)
+
+    def with_label_rows(self, rows: torch.Tensor | None) -> Classifier:
+        """The same classifier reading the label slot with learned output rows (None: the model's)."""
+        return self._with(label_rows=rows)
 
     def with_prompt(self, prompt: Prompt | None) -> Classifier:
         """The same template, verbalizer, model and length with another prompt (checked against the
-        template); None drops the soft tokens (plain prompting, the zero-shot baseline)."""
-        template = self.template if prompt is not None or not self.template.soft_tokens else self.template.without_soft()
-        return Classifier(self.backbone, template, self.verbalizer, prompt, self.max_length)
+        template); None drops the soft tokens, the calibration and learned label rows (plain
+        prompting, the zero-shot baseline)."""
+        if prompt is None:
+            template = self.template.without_soft() if self.template.soft_tokens else self.template
+            return self._with(template=template, prompt=None, prior=None, label_rows=None)
+        return self._with(prompt=prompt)
 
     def zero_shot(self) -> Classifier:
         return self.with_prompt(None)
@@ -161,8 +184,7 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
         groups.setdefault(id(row.classifier), []).append(r)
     first: list[torch.Tensor] = [slot_hidden[0, :0]] * len(rows)  # per row: [C] first-token scores
     for members in groups.values():
-        choices = rows[members[0]].classifier.choices
-        logits = backbone.logits_for(slot_hidden[members], choices.first_ids)
+        logits = _first_token_scores(rows[members[0]].classifier, slot_hidden[members])
         for r, scores in zip(members, logits):
             first[r] = scores
     flat = torch.cat(first)  # choice scores of every row, in pair order
@@ -170,6 +192,8 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
         at = torch.tensor(where).to(out.hidden.device)
         logp = backbone.token_log_probs(out.hidden[at[:, 0], at[:, 1]], torch.tensor(targets))
         flat = flat.index_add(0, torch.tensor(owners, device=logp.device), logp)
+    counts = torch.tensor([len(tokens) if rows[r].classifier.length_norm else 1 for r, tokens in pairs])
+    flat = flat / counts.to(flat.device)  # label_scores: mean, a score per token; else the sum
     per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
     result: list[torch.Tensor] = list(per_row)
     for members in groups.values():
@@ -180,3 +204,21 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
         for r, scores in zip(members, labels):
             result[r] = scores
     return result
+
+
+def _first_token_scores(classifier: Classifier, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, C] scores of each choice's first token at the slot: logits of the label rows (learned ones
+    where the classifier has them), up to a per-row constant; with `length_norm` exact
+    log-probabilities, since a per-row constant divided by unequal token counts would not cancel."""
+    ids = classifier.choices.first_ids
+    backbone = classifier.backbone
+    if classifier.label_rows is None:
+        scores = backbone.logits_for(hidden, ids)
+    else:
+        scores = backbone.cap_logits(hidden.float() @ classifier.label_rows.to(hidden.device).float().T)
+    if not classifier.length_norm:
+        return scores
+    vocab = backbone.logits(hidden)
+    if classifier.label_rows is not None:  # the learned rows stand in for the first tokens' own
+        vocab = torch.cat([vocab.index_fill(-1, ids.unique().to(vocab.device), float("-inf")), scores], dim=-1)
+    return scores - vocab.logsumexp(-1, keepdim=True)

@@ -102,6 +102,7 @@ def init_prompt(
     backbone: Backbone,
     label_words: list[str] | None = None,
     seed: int = 0,
+    demonstrations: list[str] | None = None,
 ) -> SoftPrompt:
     """Make the starting prompt.
 
@@ -109,6 +110,8 @@ def init_prompt(
     vocab        embeddings of tokens sampled from the frequent part of the vocabulary
     text:"..."   the text's token embeddings, repeated to fill N (as PEFT does)
     labels       the verbalizer's words (Lester et al.'s best init), the rest sampled vocabulary
+    demos        the token embeddings of `demonstrations` (rows with their answers, as Context
+                 Tuning starts), as many whole ones as fit in N, the rest sampled vocabulary
     from:RUN     another run's trained prompt (same model, same length)
     """
     generator = torch.Generator().manual_seed(seed)
@@ -129,9 +132,27 @@ def init_prompt(
         rows = _token_rows(backbone, [" " + w.strip() for w in label_words or []])[:length]
         rest = _vocab_rows(backbone, length - len(rows), generator)
         return SoftPrompt(torch.cat([torch.stack(rows), rest]) if rows else rest)
+    if spec == "demos":
+        ids = _demonstration_ids(backbone, demonstrations or [], length)
+        rest = _vocab_rows(backbone, length - len(ids), generator)
+        return SoftPrompt(torch.cat([backbone.embed(torch.tensor(ids, dtype=torch.long)).detach().float().cpu(), rest]))
     if spec.startswith("from:"):
         return _from_run(spec[len("from:") :], length, backbone)
-    raise InitError(f'unknown init {spec!r}: use random, vocab, text:"...", labels or from:RUN')
+    raise InitError(f'unknown init {spec!r}: use random, vocab, text:"...", labels, demos or from:RUN')
+
+
+def _demonstration_ids(backbone: Backbone, demonstrations: list[str], length: int) -> list[int]:
+    """Token ids of whole demonstrations, one per line, while they fit in `length`; when not even
+    the first fits, its last `length` tokens (where its answer is)."""
+    ids: list[int] = []
+    for text in demonstrations:
+        more = backbone.tokenize(("\n" if ids else "") + text)
+        if len(ids) + len(more) > length:
+            break
+        ids += more
+    if not ids and demonstrations:
+        ids = backbone.tokenize(demonstrations[0])[-length:]
+    return ids
 
 
 def _from_run(run: str, length: int, backbone: Backbone) -> SoftPrompt:

@@ -38,6 +38,9 @@ class TrainSettings(BaseModel):
     lr: float = Field(
         0.03, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
     )
+    label_lr: float = Field(
+        0.003, gt=0, description="peak learning rate of learned label vectors (label_vectors: true)"
+    )
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -56,6 +59,17 @@ class TrainSettings(BaseModel):
     eval_batch_size: int = Field(
         16, ge=1, description="rows per evaluation batch (16 measured fastest on 2 CPU cores)"
     )
+    calibrate: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="contextual calibration of the kept state (classification): auto keeps it when it "
+        "raises the validation metric",
+    )
+    @field_validator("calibrate", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        """YAML reads a bare on/off as true/false."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
     metric: str | None = Field(
         None,
@@ -129,7 +143,15 @@ class TaskSpec(BaseModel):
     )
     init: str = Field(
         "vocab",
-        description='random | vocab | text:"..." | labels | from:RUN (vocab: best on SST-2, see README)',
+        description='random | vocab | text:"..." | labels | demos | from:RUN (vocab: best on SST-2, see README)',
+    )
+    label_scores: Literal["sum", "mean"] = Field(
+        "sum",
+        description="a label word's score: sum of its tokens' log-probabilities, or their mean (long "
+        "label names are then not penalised)",
+    )
+    label_vectors: bool = Field(
+        False, description="also train one output vector per label word, started from its first token's row (WARP)"
     )
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -164,6 +186,8 @@ class TaskSpec(BaseModel):
             raise ValueError(
                 f"train.metric {self.train.metric!r} is not one of {', '.join(allowed)} ({self.kind})"
             )
+        if generation and self.label_vectors:
+            raise ValueError("label_vectors: a generation task has no labels to learn vectors for")
         if generation:
             unknown = [m for m in self.generation.metrics if m not in GENERATION_METRICS]
             if unknown:

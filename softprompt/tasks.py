@@ -24,6 +24,7 @@ from .codecheck import parses, run_tests
 from .data import DataError, Example, few_shot, held_out_size, hold_out, load_examples
 from .generate import DecodeConfig, Generator, GenRows
 from .metrics import classification_report, generation_scores
+from .prompt import SoftPrompt, init_prompt
 from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskError, TaskSpec
 from .template import CutSummary, Template, summarize_cuts
 from .verbalizer import Verbalizer
@@ -111,10 +112,35 @@ class Task:
     def use_method(self, method) -> None:
         """Put a training method (methods/) in the model: its prompt, prefix or calibration."""
         self.model = method.apply(self.model)
+        if method.label_rows is not None:
+            self.model = self.model.with_label_rows(method.label_rows)
 
     def lengths(self) -> list[int]:
         """Tokens per training row, for length bucketing."""
         raise NotImplementedError
+
+    def start_prompt(self, backbone: Backbone) -> SoftPrompt:
+        """The soft prompt the task's `init` asks for, as long as the template's soft tokens."""
+        spec = self.spec
+        demos = self.demonstrations() if spec.init == "demos" else None
+        return init_prompt(spec.init, self.template.soft_tokens, backbone, self.init_words, spec.train.seed, demos)
+
+    def demonstrations(self) -> list[str]:
+        """Training rows as plain text with their answers, shortest first, taking the labels in turn
+        (init `demos`: the prompt starts as the embeddings of what the task looks like done)."""
+        by_answer: dict[str, list[Example]] = {}
+        for example in sorted(self.splits.train, key=lambda e: (len(self.template.render(e.fields, "")), e.source)):
+            by_answer.setdefault(self.demo_group(example), []).append(example)
+        queues = list(by_answer.values())
+        turns = [queue[k] for k in range(max(map(len, queues), default=0)) for queue in queues if k < len(queue)]
+        return [self.template.render(e.fields, self.answer_text(e)) for e in turns]
+
+    def demo_group(self, example: Example) -> str:
+        """Demonstrations take these groups in turn (a classification task's labels)."""
+        return ""
+
+    def answer_text(self, example: Example) -> str:
+        return str(example.label)
 
     def loss(self, index: list[int]) -> torch.Tensor:
         return self.model.loss(self.rows["train"], index)
@@ -173,11 +199,19 @@ class ClassificationTask(Task):
                 raise DataError(f"{bad.source}: label {bad.label!r} does not occur in the training data")
         self.verbalizer = verbalizer
         self.init_words = verbalizer.all_words()
-        model = Classifier(backbone, template, verbalizer, None, spec.train.max_length)
+        model = Classifier(
+            backbone, template, verbalizer, None, spec.train.max_length, length_norm=spec.label_scores == "mean"
+        )
         super().__init__(spec, backbone, model, splits)
 
     def answer_budget(self) -> int:
         return max(len(ids) for ids in self.model.choices.ids)
+
+    def demo_group(self, example: Example) -> str:
+        return str(example.label)
+
+    def answer_text(self, example: Example) -> str:
+        return self.verbalizer.words[str(example.label)][0]
 
     def encode(self, model: Classifier, examples: list[Example], with_answers: bool) -> EncodedRows:
         return model.encode([e.fields for e in examples], [str(e.label) for e in examples])

@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 from . import plots
 from .artifact import INFO_FILE, RunInfo, write_atomic
 from .backbone import Backbone
+from .doctor import diagnose
 from .methods import Method, method_class
+from .methods.zero_shot import content_free_prior
 from .task import TaskError, TaskSpec, TrainSettings
 from .tasks import Task, make_task, summarize
 
@@ -87,7 +89,7 @@ def lr_at(step: int, total: int, settings: TrainSettings) -> float:
     return settings.lr
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -307,14 +309,15 @@ def train(
     task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
     trainer = kind.build(task, backbone)
     checkpoint, fresh = _starting_point(run, task, backbone, trainer, found, console)
-    _warn_cuts(task, console)
+    _warn_task(task, backbone, console, kind.trains)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
     if not fresh:  # the kept artifact as of the checkpoint, not a later step's
         trainer.load_state(checkpoint.best)
-        checkpoint.state.saved_parameters = trainer.save(run)
+        checkpoint.state.saved_parameters = trainer.write(run)
     trainer.load_state(checkpoint.params)
     task.use_method(trainer)
-    optimizer = make_optimizer(list(trainer.trainable().values()), task.spec.train) if kind.trains else None
+    groups = trainer.param_groups(task.spec.train.lr, task.spec.train.label_lr)
+    optimizer = make_optimizer(groups, task.spec.train) if kind.trains else None
     if optimizer is not None and not fresh:
         optimizer.load_state_dict(checkpoint.optimizer)
     steps = total_steps(task.spec.train, len(task.rows["train"])) if kind.trains else 0
@@ -427,7 +430,7 @@ def _loop(
     while state.step < steps and not state.stopped_early:
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.step, steps, settings)
+            group["lr"] = lr_at(state.step, steps, settings) * group.get("scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, seen = 0.0, 0
         for _ in range(settings.grad_accum):
@@ -488,21 +491,41 @@ def _commit(
         checkpoint.optimizer = optimizer.state_dict() if optimizer is not None else {}
         save_checkpoint(run, checkpoint)
     if best_changed:
-        checkpoint.state.saved_parameters = trainer.save(run)
+        checkpoint.state.saved_parameters = trainer.write(run)
+
+
+def _calibrate(task: Task, state: TrainState, progress: Progress) -> tuple[dict, dict]:
+    """Contextual calibration of the kept state (classification): with `train.calibrate: auto`
+    kept only when it raises the validation metric. Returns the method settings it sets (the
+    prior) and the validation score it measured."""
+    setting, metric = task.spec.train.calibrate, task.spec.train.metric
+    if setting == "off" or task.kind != "classification":
+        return {}, {}
+    prior = content_free_prior(task.model)
+    calibrated = task.model.calibrated(prior)
+    check = {}
+    if setting == "auto":
+        with _phase(progress, "calibration (validation rows)", len(task.rows["validation"])) as advance:
+            score = task.score(calibrated, "validation", advance)[metric]
+        check = {"calibrated": {metric: score}}
+        progress.console.print(
+            f"calibration: validation {metric} {score:.3f} calibrated, {state.best:.3f} as is: "
+            + ("kept" if score > state.best else "not kept")
+        )
+        if score <= state.best:
+            return {}, check
+    task.model = calibrated
+    return {"calibration": [round(float(p), 6) for p in prior]}, check
 
 
 def _describe(result: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
 
 
-def _warn_cuts(task: Task, console: Console) -> None:
-    budget = f"train.max_length {task.spec.train.max_length}"
-    for role, summary in task.cuts():
-        console.print(summary.console_line(role, budget, ": raise train.max_length"), highlight=False, soft_wrap=True)
-    cut = task.target_cuts()
-    if cut:
-        limit = task.spec.generation.max_target_length
-        console.print(f"[yellow]{cut} training answers were cut to generation.max_target_length {limit}")
+def _warn_task(task: Task, backbone: Backbone, console: Console, trains: bool) -> None:
+    """The task doctor's cheap checks (cut inputs and answers among them), each with its fix."""
+    for finding in diagnose(task, backbone, zero_shot=False, trains=trains):
+        console.print(finding.console_line(), highlight=False, soft_wrap=True)
 
 
 def _finish(
@@ -521,6 +544,7 @@ def _finish(
     state, spec = checkpoint.state, task.spec
     trainer.load_state(checkpoint.best)
     task.use_method(trainer)
+    calibration, check = _calibrate(task, state, progress) if trainer.trains else ({}, {})
     results: dict = {}
     scored = time.perf_counter()
     if report:
@@ -532,7 +556,9 @@ def _finish(
     info = RunInfo(
         kind=task.kind,
         method=trainer.name,
-        method_settings={**settings, **trainer.info()},
+        method_settings={**settings, **trainer.info(), **calibration},
+        label_scores=spec.label_scores,
+        label_vectors=trainer.label_rows is not None,
         model=spec.model,
         fingerprint=backbone.fingerprint,
         template=spec.template,
@@ -545,7 +571,7 @@ def _finish(
     )
     info.metrics = {
         **results,
-        "validation": {**state.baseline, "kept": {spec.train.metric: state.best}},
+        "validation": {**state.baseline, "kept": {spec.train.metric: state.best}, **check},
         "best_step": state.best_step,
         "steps": state.step,
         "stopped_early": state.stopped_early,

@@ -47,10 +47,10 @@ def transformers_greedy(generator, ids: list[int], max_new_tokens: int) -> list[
         )[0].tolist()
 
 
-def reference_label_scores(clf, encoded, row: int):
+def reference_label_scores(clf, encoded, row: int, mean: bool = False):
     """[L] label scores of one row from plain full-sequence forwards, no cache: each choice's word
-    (+ what follows the slot) run after the row's prompt, its log-probabilities summed, then the
-    verbalizer's label formula. What the cached, batched scoring must equal."""
+    (+ what follows the slot) run after the row's prompt, its log-probabilities summed (averaged
+    when `mean`), then the verbalizer's label formula. What the cached, batched scoring must equal."""
     import torch
 
     backbone = clf.backbone
@@ -61,7 +61,8 @@ def reference_label_scores(clf, encoded, row: int):
             tokens = word + encoded.afters[row]
             hidden = backbone.body(inputs_embeds=clf.lm.splice(torch.tensor([context + tokens]))).last_hidden_state
             logp = torch.log_softmax(backbone.logits(hidden[0]), -1)
-            scores.append(sum(logp[len(context) - 1 + j, t] for j, t in enumerate(tokens)))
+            total = sum(logp[len(context) - 1 + j, t] for j, t in enumerate(tokens))
+            scores.append(total / len(tokens) if mean else total)
     return clf.choices.label_scores(torch.stack(scores).unsqueeze(0))[0]
 
 

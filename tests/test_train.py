@@ -35,7 +35,7 @@ def test_training_writes_a_complete_run_folder(tmp_path, tiny_model_dir, tiny_ba
     assert (run / "prompt.safetensors").stat().st_size < 4096
     assert info.fingerprint == tiny_backbone.fingerprint
     assert {"dev", "dev_zero_shot", "validation", "best_step", "rows"} <= set(info.metrics)
-    assert set(info.metrics["validation"]) == {"zero_shot", "initial_prompt", "kept"}
+    assert set(info.metrics["validation"]) == {"zero_shot", "initial_prompt", "kept", "calibrated"}
     log = log_of(run)
     assert [h["step"] for h in log if "loss" in h] == list(range(1, 9))
     assert [h["step"] for h in log if h.get("split") == "validation" and "variant" not in h] == [2, 4, 6, 8]

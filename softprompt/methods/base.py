@@ -10,10 +10,12 @@ early stopping see only this interface: `trainable()`, `state()`/`load_state()`,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from safetensors.torch import save_file
 
 from ..backbone import Backbone
 from ..template import Template
@@ -21,6 +23,9 @@ from ..template import Template
 if TYPE_CHECKING:
     from ..artifact import RunInfo
     from ..tasks import Task
+
+
+LABELS_FILE = "labels.safetensors"  # learned label vectors, [C, H] fp32 tensor `label_rows`
 
 
 class MethodError(ValueError):
@@ -40,6 +45,7 @@ class Method(torch.nn.Module):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone  # not a Module attribute: the base model's weights are not ours
+        self.register_parameter("label_rows", None)  # [C, H] learned label vectors (task label_vectors)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -56,7 +62,12 @@ class Method(torch.nn.Module):
         and a resumed run starts where its first start did)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(task.spec.train.seed)
-            return cls.create(task, backbone)
+            method = cls.create(task, backbone)
+        if task.spec.label_vectors:
+            if not cls.trains or task.kind != "classification":
+                raise MethodError(f"label_vectors: method {cls.name!r} on a {task.kind} task trains no label vectors")
+            method.label_rows = torch.nn.Parameter(backbone.output_rows(task.model.choices.first_ids))
+        return method
 
     @classmethod
     def create(cls, task: Task, backbone: Backbone) -> Method:
@@ -75,6 +86,15 @@ class Method(torch.nn.Module):
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def param_groups(self, lr: float, label_lr: float) -> list[dict]:
+        """Optimizer groups: the method's tensors, and learned label vectors at their own rate
+        (`scale` multiplies the scheduled rate: output rows move the logits far more per step)."""
+        own = [p for name, p in self.trainable().items() if name != "label_rows"]
+        groups = [{"params": own, "scale": 1.0}] if own else []
+        if self.label_rows is not None:
+            groups.append({"params": [self.label_rows], "scale": label_lr / lr})
+        return groups
+
     def state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name, copied to the CPU (a checkpoint or the kept state)."""
         return {name: p.detach().cpu().clone() for name, p in self.trainable().items()}
@@ -90,6 +110,16 @@ class Method(torch.nn.Module):
         return not self.changes_base
 
     # -- the run folder -----------------------------------------------------------------------
+    def write(self, run: Path) -> int:
+        """Write the artifact, learned label vectors included; returns the parameters it holds."""
+        saved = self.save(run)
+        if self.label_rows is None:
+            return saved
+        tmp = run / f".{LABELS_FILE}.tmp"
+        save_file({"label_rows": self.label_rows.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, run / LABELS_FILE)
+        return saved + self.label_rows.numel()
+
     def save(self, run: Path) -> int:
         """Write the artifact into the run folder; returns how many parameters it holds."""
         return 0

@@ -36,7 +36,7 @@ def demonstrations(task) -> tuple[str, dict]:
     rng = random.Random(task.spec.train.seed)
     by_label: dict[str, list] = {}
     for example in train:
-        by_label.setdefault(str(example.label) if task.kind == "classification" else "", []).append(example)
+        by_label.setdefault(task.demo_group(example), []).append(example)
     for rows in by_label.values():
         rng.shuffle(rows)
     budget = DEMO_TOKENS
@@ -45,7 +45,7 @@ def demonstrations(task) -> tuple[str, dict]:
     per_label = PER_LABEL if task.kind == "classification" else 2 * PER_LABEL
     while True:
         chosen = _interleave([rows[:per_label] for rows in by_label.values()], rng)
-        text = "".join(template.render(e.fields, _answer(task, e)) + "\n\n" for e in chosen)
+        text = "".join(template.render(e.fields, task.answer_text(e)) + "\n\n" for e in chosen)
         tokens = len(task.model.backbone.tokenize(text))
         if tokens <= budget or len(chosen) <= 1:
             break
@@ -55,12 +55,6 @@ def demonstrations(task) -> tuple[str, dict]:
             by_label = dict(list(by_label.items())[: max(1, len(by_label) * budget // tokens)])
     settings = {"demonstrations": len(chosen), "per_label": per_label, "demonstration_tokens": tokens}
     return text.replace("{", "{{").replace("}", "}}"), settings
-
-
-def _answer(task, example) -> str:
-    if task.kind == "classification":
-        return task.verbalizer.words[str(example.label)][0]
-    return str(example.label)
 
 
 def _interleave(groups: list[list], rng: random.Random) -> list:

@@ -17,7 +17,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone, KeyValues
-from ..prompt import init_prompt
 from ..prompted import PromptedLM
 from ..template import soft_id
 from .base import Method, soft_span
@@ -60,9 +59,9 @@ class PrefixTuning(Method):
     @classmethod
     def create(cls, task, backbone: Backbone) -> Method:
         soft_span(task.template)
-        spec, prefix = task.spec, task.rows["train"].encoded.prefix
+        prefix = task.rows["train"].encoded.prefix
         first = prefix.index(soft_id(0))
-        start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, spec.train.seed)
+        start = task.start_prompt(backbone)
         lm = PromptedLM(backbone, start.to(backbone.device), start.length)
         with torch.no_grad():  # the prefix up to the soft span's end (a BOS before it is seen too)
             states = lm.run_prefix(prefix[: first + start.length])

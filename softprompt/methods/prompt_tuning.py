@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..backbone import Backbone
-from ..prompt import SoftPrompt, init_prompt
+from ..prompt import SoftPrompt
 from .base import Method
 
 
@@ -23,8 +23,7 @@ class PromptTuning(Method):
 
     @classmethod
     def create(cls, task, backbone: Backbone) -> Method:
-        spec = task.spec
-        start = init_prompt(str(spec.init), task.template.soft_tokens, backbone, task.init_words, spec.train.seed)
+        start = task.start_prompt(backbone)
         return cls(backbone, start)
 
     @property

@@ -1,0 +1,252 @@
+"""`softprompt train --auto`: pick the recipe on the validation rows, within a time budget.
+
+The search is coordinate ascent over a few choices that decide most of prompt tuning's result:
+the learning rate, the init, learned label vectors, the method (plain or residual) and the prompt
+length. Each stage tries the alternatives of one choice with the others at their best so far, on
+short runs (a quarter of the steps); a trial's score is its best validation score, calibrated or
+not (every trial checks contextual calibration). Ties keep the earlier candidate, the task file's
+own setting first. Then the winner is trained fully into the run folder, and task.json records
+what was tried and why the winner won.
+
+The budget covers the trials and the final run together. Before anything runs, two training
+steps and a few validation rows are timed; a budget that cannot hold the final run and the first
+stage is refused up front with the time the task needs. A stage that would not fit is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from .artifact import RunInfo
+from .backbone import Backbone
+from .methods import method_class
+from .task import TaskSpec
+
+DEFAULT_BUDGET_S = 20 * 60
+PROBE_STEPS, PROBE_ROWS = 2, 16
+SEARCHED_METHODS = ("prompt", "residual")
+_SOFT = re.compile(r"\{soft:(\d+)\}")
+
+
+class AutoError(ValueError):
+    """The search cannot run as asked (a budget too small, a method it does not search)."""
+
+
+@dataclass
+class Recipe:
+    method: str
+    lr: float
+    init: str
+    label_vectors: bool
+    soft: int | None  # soft tokens of the template's one {soft:N}; None: the template's as written
+
+    def describe(self) -> str:
+        parts = [self.method, f"lr {self.lr:g}", f"init {self.init}"]
+        parts += ["learned label vectors"] if self.label_vectors else []
+        parts += [f"{self.soft} soft tokens"] if self.soft is not None else []
+        return ", ".join(parts)
+
+
+@dataclass
+class Costs:
+    """Seconds per training step and per validation row, and the rows a run scores."""
+
+    step_s: float
+    row_s: float
+    validation_rows: int
+    report_rows: int
+    scale: float = 1.0  # measured trial time / estimated, updated as trials finish
+
+    def run_s(self, steps: int, eval_every: int, report: bool, zero_shot: bool) -> float:
+        passes = steps // eval_every + 2 + int(zero_shot)  # + step 0 and the calibration check
+        rows = passes * self.validation_rows + (self.report_rows * (1 + int(zero_shot)) if report else 0)
+        return self.scale * (steps * self.step_s + rows * self.row_s)
+
+
+@dataclass
+class Search:
+    """What was tried, in order, with the validation score each trial reached."""
+
+    trials: list[dict] = field(default_factory=list)
+    best: Recipe | None = None
+    best_score: float = float("-inf")
+    skipped: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        assert self.best is not None
+        return {
+            "tried": self.trials,
+            "skipped": self.skipped,
+            "chosen": self.best.describe(),
+            "why": f"best validation score of the trials ({self.best_score:.4f}); ties keep the earlier candidate",
+        }
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90s', '20m', '1.5h' or plain seconds -> seconds; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
+    if not match:
+        raise AutoError(f"--budget {text!r}: use seconds, or a number with s, m or h (e.g. 20m)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def run_auto(
+    spec: TaskSpec,
+    out: Path,
+    backbone: Backbone,
+    console: Console,
+    budget_s: float | None = None,
+    fixed: frozenset[str] = frozenset(),
+    baselines: bool = True,
+    report: bool = True,
+) -> RunInfo:
+    """Search the recipe (leaving the settings named in `fixed` as the task has them), then train
+    the winner into `out`; returns its RunInfo, with the search in `auto`."""
+    from .train import train  # local import: train imports the tasks this module builds on
+
+    budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
+    steps = spec.train.steps or 300
+    trial_steps = max(min(steps, 30), steps // 4)
+    start = Recipe("prompt", spec.train.lr, str(spec.init), spec.label_vectors, None)
+    costs = probe(spec, backbone, start)
+    final_s = costs.run_s(steps, spec.train.eval_every, report, baselines)
+    trial_s = costs.run_s(trial_steps, trial_steps, report=False, zero_shot=False)
+    stages = plan_stages(spec, start, fixed)
+    first = len(stages[0][1]) if stages else 0
+    need = final_s + first * trial_s
+    console.print(
+        f"auto: a trial of {trial_steps} steps takes about {minutes(trial_s)}, the final run of {steps} about "
+        f"{minutes(final_s)}; budget {minutes(budget_s)}"
+    )
+    if need > budget_s:
+        raise AutoError(
+            f"--budget {minutes(budget_s)} is too small for this task: the final run takes about {minutes(final_s)} "
+            f"and the first search stage ({first} trials) about {minutes(first * trial_s)}; give --budget "
+            f"{int(need // 60) + 1}m or more, or train without --auto"
+        )
+    began = time.perf_counter()
+    search = Search()
+    measured: set[str] = set()
+    trials_dir = out.parent / f".{out.name}.auto-trials"
+    shutil.rmtree(trials_dir, ignore_errors=True)
+    try:
+        for k, (name, candidates) in enumerate(stages):
+            later = sum(len(c) for _, c in stages[k + 1 :])
+            stage_s = len(candidates) * trial_s * costs.scale
+            if time.perf_counter() - began + stage_s + final_s * costs.scale > budget_s:
+                search.skipped.append(name)
+                console.print(f"auto: skipped {name}: its {len(candidates)} trials (about {minutes(stage_s)}) would pass the budget")
+                continue
+            for j, changes in enumerate(candidates):
+                recipe = _apply(search.best or start, changes)
+                if recipe.describe() in measured:
+                    continue  # the incumbent, already measured
+                measured.add(recipe.describe())
+                began_trial = time.perf_counter()
+                quiet = Console(file=open(os.devnull, "w"))
+                info = train(
+                    variant(spec, recipe, trial_steps, trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
+                    backbone, console=quiet, method=recipe.method, baselines=False, report=False,
+                )
+                took = time.perf_counter() - began_trial
+                costs.scale = 0.5 * costs.scale + 0.5 * took / max(trial_s, 1e-9) * costs.scale
+                score = _score(info, spec.train.metric)
+                search.trials.append({
+                    "stage": name, "recipe": recipe.describe(), "validation": round(score, 4),
+                    "calibrated": "calibration" in info.method_settings, "seconds": round(took, 1),
+                })
+                if score > search.best_score:
+                    search.best, search.best_score = recipe, score
+                pending = (len(candidates) - j - 1 + later) * trial_s * costs.scale + final_s * costs.scale
+                left = min(pending, budget_s - (time.perf_counter() - began))
+                console.print(
+                    f"auto: trial {len(search.trials)} ({name}) {recipe.describe()}: validation {spec.train.metric} "
+                    f"{score:.3f} in {minutes(took)}; best {search.best_score:.3f}; about {minutes(max(left, 0))} left"
+                )
+    finally:
+        shutil.rmtree(trials_dir, ignore_errors=True)
+    best = search.best or start
+    console.print(f"auto: chose {best.describe()} (validation {search.best_score:.3f}); training it for {steps} steps")
+    info = train(
+        variant(spec, best, steps, spec.train.eval_every), out, backbone, console=console,
+        method=best.method, baselines=baselines, report=report,
+    )
+    info.auto = {**search.record(), "seconds": round(time.perf_counter() - began, 1), "budget_s": budget_s}
+    info.write(out)
+    return info
+
+
+def plan_stages(spec: TaskSpec, start: Recipe, fixed: frozenset[str]) -> list[tuple[str, list[dict]]]:
+    """The stages of the search, each a choice and its candidates (settings the user fixed left out)."""
+    classification = spec.kind == "classification"
+    lrs = sorted({*method_class("prompt").lrs, start.lr})
+    stages = [
+        ("lr", [{"lr": lr} for lr in lrs]),
+        ("init", [{"init": init} for init in dict.fromkeys([start.init, "vocab", "labels" if classification else "vocab", "demos"])]),
+        ("label vectors", [{"label_vectors": v} for v in (start.label_vectors, not start.label_vectors)] if classification else []),
+        ("method", [{"method": m, "lr": method_class(m).lr} for m in SEARCHED_METHODS if m != start.method]),
+    ]
+    counts = [int(n) for n in _SOFT.findall(spec.template)]
+    if len(counts) == 1 and counts[0] >= 2:
+        stages.append(("prompt length", [{"soft": n} for n in (counts[0] // 2, counts[0] * 2)]))
+    names = {"lr": "lr", "init": "init", "label vectors": "label_vectors", "method": "method", "prompt length": "soft"}
+    return [(name, c) for name, c in stages if c and names[name] not in fixed]
+
+
+def _apply(recipe: Recipe, changes: dict) -> Recipe:
+    return Recipe(**{**recipe.__dict__, **changes})
+
+
+def variant(spec: TaskSpec, recipe: Recipe, steps: int, eval_every: int) -> TaskSpec:
+    """The task as `recipe` trains it, for `steps` steps."""
+    changed = spec.model_copy(deep=True)
+    changed.train.lr, changed.init, changed.label_vectors = recipe.lr, recipe.init, recipe.label_vectors
+    changed.train.steps, changed.train.epochs = steps, None
+    changed.train.eval_every = min(eval_every, steps)
+    if recipe.soft is not None:
+        changed.template = _SOFT.sub(f"{{soft:{recipe.soft}}}", changed.template)
+    return changed
+
+
+def _score(info: RunInfo, metric: str) -> float:
+    """A trial's validation score: its kept state's, or the calibrated one where that is higher."""
+    validation = info.metrics["validation"]
+    return max(validation["kept"][metric], validation.get("calibrated", {}).get(metric, float("-inf")))
+
+
+def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe) -> Costs:
+    """Time two training steps and a few validation rows of the task, for the estimates."""
+    from .train import _task_for  # local import: train imports this module's neighbours
+
+    kind = method_class(recipe.method)
+    task, _ = _task_for(variant(spec, recipe, PROBE_STEPS, PROBE_STEPS), kind, backbone)
+    method = kind.build(task, backbone)
+    task.use_method(method)
+    batch = list(range(min(spec.train.batch_size, len(task.rows["train"]))))
+    began = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        task.loss(batch).backward()
+    step_s = (time.perf_counter() - began) / PROBE_STEPS * spec.train.grad_accum
+    rows = task.splits.validation[:PROBE_ROWS]
+    began = time.perf_counter()
+    if task.kind == "classification":
+        with torch.no_grad():
+            task.model.predict_proba(task.model.encode([e.fields for e in rows]), spec.train.eval_batch_size)
+    else:
+        task.model.generate(task.encode(task.model, rows, False), task.decode, spec.train.eval_batch_size)
+    row_s = (time.perf_counter() - began) / max(1, len(rows))
+    return Costs(step_s, row_s, len(task.rows["validation"]), len(task.rows["dev"]))

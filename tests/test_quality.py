@@ -1,0 +1,172 @@
+"""Good results without expert tuning: length-normalised label scores, learned label vectors
+(WARP), a prompt started from demonstrations, and contextual calibration of a trained prompt kept
+only when it helps on the validation rows."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.artifact import RunInfo, load_run
+from softprompt.classify import Classifier
+from softprompt.methods import method_class
+from softprompt.prompt import init_prompt
+from softprompt.task import TaskError, load_task
+from softprompt.template import Template
+from softprompt.train import CHECKPOINT, _task_for, train
+from softprompt.verbalizer import Verbalizer
+
+from helpers import quiet, reference_label_scores, write_task
+
+ROWS = [{"text": "a great film"}, {"text": "a dull, boring mess with many more words in it"}, {"text": "ok"}]
+LONG_NAMES = {"pos": ["great film, truly moving", "positive"], "neg": ["dull"]}
+
+
+def task_file(tmp_path, model_dir, steps=8, extra="", top=""):
+    path = write_task(tmp_path, model_dir, steps=steps, extra=extra)
+    path.write_text(path.read_text() + top)
+    return load_task(path)
+
+
+# -- label_scores: mean -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "template", ["{soft:4} Review: {text} Sentiment: {label}", "{soft:3} Sentiment: {label}. Review: {text}"]
+)
+def test_mean_label_scores_are_each_word_s_mean_token_log_probability(any_backbone, template):
+    t = Template.parse(template)
+    v = Verbalizer.from_spec(LONG_NAMES)
+    clf = Classifier(any_backbone, t, v, init_prompt("vocab", t.soft_tokens, any_backbone, seed=5), length_norm=True)
+    enc = clf.encode(ROWS)
+    got = clf.scores(clf.prefix(enc.encoded), enc.encoded.bodies, enc.encoded.afters)
+    for row in range(len(ROWS)):
+        # exact values, not up to a per-row constant: the constant would not cancel across lengths
+        want = reference_label_scores(clf, enc.encoded, row, mean=True)
+        torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-4)
+
+
+def test_summed_scores_penalise_a_long_label_name_that_mean_scores_do_not(tiny_backbone):
+    t = Template.parse("{soft:4} Review: {text} Sentiment: {label}")
+    prompt = init_prompt("vocab", 4, tiny_backbone, seed=5)
+    summed = Classifier(tiny_backbone, t, Verbalizer.from_spec(LONG_NAMES), prompt)
+    mean = Classifier(tiny_backbone, t, Verbalizer.from_spec(LONG_NAMES), prompt, length_norm=True)
+    enc = summed.encode(ROWS)
+    gap_sum = summed.scores(summed.prefix(enc.encoded), enc.encoded.bodies, enc.encoded.afters).diff(dim=-1)
+    gap_mean = mean.scores(mean.prefix(enc.encoded), enc.encoded.bodies, enc.encoded.afters).diff(dim=-1)
+    assert (gap_sum > gap_mean).all()  # neg minus pos: the long "pos" name loses more when summed
+
+
+# -- learned label vectors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("length_norm", [False, True])
+def test_label_vectors_started_from_the_output_rows_score_as_the_frozen_model(any_backbone, length_norm):
+    t = Template.parse("{soft:4} Review: {text} Sentiment: {label}")
+    v = Verbalizer.from_spec(LONG_NAMES)
+    clf = Classifier(any_backbone, t, v, init_prompt("vocab", 4, any_backbone, seed=1), length_norm=length_norm)
+    learned = clf.with_label_rows(any_backbone.output_rows(clf.choices.first_ids))
+    enc = clf.encode(ROWS)
+    torch.testing.assert_close(learned.predict_proba(enc), clf.predict_proba(enc), rtol=1e-4, atol=1e-5)
+    moved = clf.with_label_rows(torch.randn(len(clf.choices.ids), any_backbone.hidden_size))
+    assert not torch.allclose(moved.predict_proba(enc), clf.predict_proba(enc), atol=1e-3)
+
+
+def test_label_vectors_are_trained_saved_and_read_back_by_eval(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = task_file(tmp_path, tiny_model_dir, steps=6, extra=", label_lr: 0.05", top="label_vectors: true\n")
+    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
+    rows = load_file(str(tmp_path / "run" / "labels.safetensors"))["label_rows"]
+    task, _ = _task_for(spec, method_class("prompt"), tiny_backbone)
+    start = tiny_backbone.output_rows(task.model.choices.first_ids).cpu()
+    assert rows.shape == start.shape and not torch.allclose(rows, start)
+    assert info.label_vectors and info.metrics["saved_parameters"] == 4 * 32 + rows.numel()
+    model, _ = load_run(tmp_path / "run", tiny_backbone)
+    torch.testing.assert_close(model.label_rows.cpu(), rows)
+    assert task.score(model, "dev")["confusion"] == info.metrics["dev"]["confusion"]
+    assert not torch.allclose(
+        model.predict_proba(task.rows["dev"]), model.with_label_rows(None).predict_proba(task.rows["dev"])
+    )
+
+
+def test_a_run_with_label_vectors_stopped_and_resumed_equals_the_straight_run(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = task_file(tmp_path, tiny_model_dir, steps=6, extra=", label_lr: 0.05", top="label_vectors: true\n")
+    train(spec, tmp_path / "straight", backbone=tiny_backbone, console=quiet())
+
+    def stop_at_three(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), on_step=stop_at_three)
+    assert (tmp_path / "cut" / CHECKPOINT).exists()
+    train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), resume=True)
+    for name in ("labels.safetensors", "prompt.safetensors"):
+        for key, value in load_file(str(tmp_path / "straight" / name)).items():
+            torch.testing.assert_close(load_file(str(tmp_path / "cut" / name))[key], value, rtol=0, atol=0)
+
+
+def test_label_vectors_are_refused_for_generation_and_for_methods_that_train_nothing(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = task_file(tmp_path, tiny_model_dir, top="label_vectors: true\n")
+    with pytest.raises(ValueError, match="label_vectors"):
+        train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), method="zero-shot")
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"text": "a", "target": "b"}) + "\n")
+    (tmp_path / "gen.yaml").write_text(
+        f"model: {tiny_model_dir}\ntemplate: '{{soft:2}} {{text}} => {{target}}'\nlabel_vectors: true\n"
+        "data: {train: gen.jsonl}\n"
+    )
+    with pytest.raises(TaskError, match="label_vectors"):
+        load_task(tmp_path / "gen.yaml")
+
+
+# -- init: demos --------------------------------------------------------------------------------------
+def test_demos_init_starts_as_the_shortest_rows_of_each_label_rendered_with_their_answers(tmp_path, tiny_backbone):
+    spec = task_file(tmp_path, tiny_backbone.spec)
+    spec.init = "demos"
+    spec.template = spec.template.replace("{soft:4}", "{soft:24}")
+    task, _ = _task_for(spec, method_class("prompt"), tiny_backbone)
+    demos = task.demonstrations()
+    answers = {"positive": "code", "negative": "Sentiment"}
+    for demo, label in zip(demos[:2], ["negative", "positive"]):  # labels in turn, the shortest row first
+        shortest = min(len(e.fields["text"]) for e in task.splits.train if e.label == label)
+        assert demo.endswith(f"Sentiment: {answers[label]}") and len(demo.split(": ")[1]) - len(" Sentiment") == shortest
+    ids = tiny_backbone.tokenize(demos[0]) + tiny_backbone.tokenize("\n" + demos[1])
+    assert len(ids) <= 24 < len(ids) + len(tiny_backbone.tokenize("\n" + demos[2]))
+    prompt = task.start_prompt(tiny_backbone)
+    want = tiny_backbone.embed(torch.tensor(ids)).float().cpu()
+    torch.testing.assert_close(prompt.vectors[: len(ids)], want)
+    assert prompt.length == 24
+
+
+# -- calibration of a trained prompt ------------------------------------------------------------------
+def biased_prior(task_model):
+    """A prior that, divided out, makes every row the first label: calibration can only hurt."""
+    return torch.tensor([1e-6, 1 - 1e-6])
+
+
+@pytest.mark.parametrize("setting", ["auto", "on", "off"])
+def test_calibration_of_a_trained_prompt_is_kept_only_when_asked_or_when_it_helps(setting, tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    monkeypatch.setattr("softprompt.train.content_free_prior", biased_prior)
+    spec = task_file(tmp_path, tiny_model_dir, steps=4, extra=f", calibrate: {setting}")
+    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
+    validation = info.metrics["validation"]
+    assert ("calibrated" in validation) == (setting == "auto")
+    if setting == "auto":
+        assert validation["calibrated"]["accuracy"] <= validation["kept"]["accuracy"]
+    kept = "calibration" in info.method_settings
+    assert kept == (setting == "on")
+    model, _ = load_run(tmp_path / "run", tiny_backbone)
+    assert (model.prior is not None) == kept
+
+
+def test_auto_calibration_is_kept_when_it_raises_the_validation_score(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    # a lr far too small to move the prompt: the untrained prompt's bias stays, and dividing out
+    # its mean prediction on the validation rows themselves must do better than always one label
+    spec = task_file(tmp_path, tiny_model_dir, steps=2, extra=", lr: 0.000001, calibrate: auto")
+
+    def validation_prior(model):
+        task, _ = _task_for(spec, method_class("prompt"), tiny_backbone)
+        return model.predict_proba(task.rows["validation"]).mean(0)
+
+    monkeypatch.setattr("softprompt.train.content_free_prior", validation_prior)
+    info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
+    validation = info.metrics["validation"]
+    assert validation["calibrated"]["accuracy"] > validation["kept"]["accuracy"]
+    assert "calibration" in info.method_settings
+    assert RunInfo.read(tmp_path / "run").method_settings["calibration"] == info.method_settings["calibration"]
