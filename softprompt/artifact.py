@@ -60,6 +60,7 @@ class RunInfo(BaseModel):
     label_vectors: bool = False  # classification: labels.safetensors holds learned label vectors
     training: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)
+    auto: dict | None = None  # `train --auto`: what the search tried, skipped and chose, and why
     # imported PEFT prompts: how the adapter was matched to the base model ("fingerprint",
     # "same path", "same name") or "unverified: ..." when nothing recorded could be checked
     base_model_check: str | None = None

@@ -112,6 +112,7 @@ def run_auto(
     budget_s: float | None = None,
     fixed: frozenset[str] = frozenset(),
     baselines: bool = True,
+    method: str = "prompt",
     report: bool = True,
 ) -> RunInfo:
     """Search the recipe (leaving the settings named in `fixed` as the task has them), then train
@@ -121,7 +122,7 @@ def run_auto(
     budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     steps = spec.train.steps or 300
     trial_steps = max(min(steps, 30), steps // 4)
-    start = Recipe("prompt", spec.train.lr, str(spec.init), spec.label_vectors, None)
+    start = Recipe(method, spec.train.lr, str(spec.init), spec.label_vectors, None)
     costs = probe(spec, backbone, start)
     final_s = costs.run_s(steps, spec.train.eval_every, report, baselines)
     trial_s = costs.run_s(trial_steps, trial_steps, report=False, zero_shot=False)

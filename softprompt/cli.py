@@ -14,7 +14,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .artifact import ArtifactError, load_run
+from .artifact import ArtifactError, RunInfo, load_run
+from .auto import AutoError
 from .backbone import Backbone, ModelNotFound
 from .data import DataError, load_examples
 from .doctor import ZERO_SHOT_ROWS, diagnose
@@ -33,7 +34,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 USER_ERRORS = (
-    TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound, MethodError
+    TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound, MethodError,
+    AutoError,
 )
 
 
@@ -99,6 +101,14 @@ def train(
     dev: Annotated[
         Optional[Path], typer.Option(help="rows of the final report instead of the task's dev file (e.g. a test split)")
     ] = None,
+    auto: Annotated[
+        bool,
+        typer.Option(help="search the recipe (lr, init, label vectors, plain or residual, prompt length) on short "
+                     "runs, choose on the validation rows, then train the winner; --lr/--init/--method fix theirs"),
+    ] = False,
+    budget: Annotated[
+        Optional[str], typer.Option(help="--auto: wall time for the trials and the final run together (default 20m)")
+    ] = None,
 ) -> None:
     """Train a soft prompt (or another --method) on a frozen model: zero-shot first, then
     validation as it goes.
@@ -135,11 +145,35 @@ def train(
         if lr is None and method != "prompt" and method in METHODS:
             # a task file's train.lr is a soft prompt's rate; other methods start from their own default
             spec.train.lr = METHODS[method].lr or spec.train.lr
-        run_training(spec, out, resume=resume, console=console, method=method, baselines=zero_shot, report=report)
+        if auto:
+            _train_auto(spec, out, method, {"lr": lr, "init": init}, budget, resume, zero_shot, report)
+        else:
+            run_training(spec, out, resume=resume, console=console, method=method, baselines=zero_shot, report=report)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _train_auto(spec, out: Path, method: str, flags: dict, budget: str | None, resume: bool, zero_shot: bool, report: bool) -> None:
+    from .auto import SEARCHED_METHODS, parse_duration, run_auto
+
+    if resume:
+        raise AutoError("--auto cannot resume (its trials are short runs): start it again with a new --out")
+    if method not in SEARCHED_METHODS:
+        raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(SEARCHED_METHODS)}), not {method!r}")
+    fixed = {name for name, value in flags.items() if value is not None} | ({"method"} if method != "prompt" else set())
+    if (out / "task.json").exists():
+        raise AutoError(f"{out} already holds a run: choose another --out")
+    with console.status(f"loading model {spec.model} ..."):
+        backbone = Backbone.load(spec.model)
+    console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+    if method != "prompt":
+        spec.train.lr = METHODS[method].lr
+    run_auto(
+        spec, out, backbone, console, parse_duration(budget), frozenset(fixed), baselines=zero_shot, report=report,
+        method=method,
+    )
 
 
 @app.command()
@@ -414,6 +448,11 @@ def export(
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"PEFT adapter written to {folder}")
+    info = RunInfo.read(run)
+    left = [what for what, present in (("learned label vectors", info.label_vectors),
+            ("calibration", "calibration" in info.method_settings)) if present]
+    if left:
+        console.print(f"[yellow]note: PEFT's prompt-tuning format holds the prompt only; the run's {' and '.join(left)} stay behind")
 
 
 @app.command("import-peft")
