@@ -148,7 +148,7 @@ def load_label_rows(run: str | Path, choices: int, backbone: Backbone) -> torch.
         rows = load_file(str(path))["label_rows"]
     except FileNotFoundError as err:
         raise ArtifactError(f"{path}: file not found (task.json says the run has learned label vectors)") from err
-    except (SafetensorError, KeyError) as err:
+    except (SafetensorError, KeyError, OSError) as err:
         raise ArtifactError(f"{path}: not a label-vector file ({err})") from err
     if tuple(rows.shape) != (choices, backbone.hidden_size) or not torch.isfinite(rows).all():
         raise ArtifactError(

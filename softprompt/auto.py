@@ -40,7 +40,7 @@ class AutoError(ValueError):
     """The search cannot run as asked (a budget too small, a method it does not search)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     method: str
     lr: float
@@ -76,12 +76,24 @@ class Search:
     """What was tried, in order, with the validation score each trial reached."""
 
     trials: list[dict] = field(default_factory=list)
+    measured: set[str] = field(default_factory=set)
     best: Recipe | None = None
     best_score: float = float("-inf")
     skipped: list[str] = field(default_factory=list)
 
-    def record(self) -> dict:
-        assert self.best is not None
+    def add(self, stage: str, recipe: Recipe, score: float, calibrated: bool, seconds: float) -> None:
+        self.measured.add(recipe.describe())
+        self.trials.append({
+            "stage": stage, "recipe": recipe.describe(), "validation": round(score, 4),
+            "calibrated": calibrated, "seconds": round(seconds, 1),
+        })
+        if score > self.best_score:  # a tie keeps the earlier candidate
+            self.best, self.best_score = recipe, score
+
+    def record(self, start: Recipe) -> dict:
+        if self.best is None:
+            return {"tried": [], "skipped": self.skipped, "chosen": start.describe(),
+                    "why": "every stage would have passed the budget: the task's own recipe"}
         return {
             "tried": self.trials,
             "skipped": self.skipped,
@@ -117,18 +129,19 @@ def run_auto(
 ) -> RunInfo:
     """Search the recipe (leaving the settings named in `fixed` as the task has them), then train
     the winner into `out`; returns its RunInfo, with the search in `auto`."""
-    from .train import train  # local import: train imports the tasks this module builds on
+    from .train import total_steps, train  # local import: train imports what this module builds on
 
     budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
-    steps = spec.train.steps or 300
-    trial_steps = max(min(steps, 30), steps // 4)
     start = Recipe(method, spec.train.lr, str(spec.init), spec.label_vectors, None)
-    costs = probe(spec, backbone, start)
+    stages = plan_stages(spec, start, fixed)
+    if not stages:
+        raise AutoError("--auto has nothing left to search: every choice it makes is fixed by the flags or the task")
+    costs, train_rows = probe(spec, backbone, start)
+    steps = total_steps(spec.train, train_rows)
+    trial_steps = max(min(steps, 30), steps // 4)
     final_s = costs.run_s(steps, spec.train.eval_every, report, baselines)
     trial_s = costs.run_s(trial_steps, trial_steps, report=False, zero_shot=False)
-    stages = plan_stages(spec, start, fixed)
-    first = len(stages[0][1]) if stages else 0
-    need = final_s + first * trial_s
+    need = final_s + len(stages[0][1]) * trial_s
     console.print(
         f"auto: a trial of {trial_steps} steps takes about {minutes(trial_s)}, the final run of {steps} about "
         f"{minutes(final_s)}; budget {minutes(budget_s)}"
@@ -136,47 +149,43 @@ def run_auto(
     if need > budget_s:
         raise AutoError(
             f"--budget {minutes(budget_s)} is too small for this task: the final run takes about {minutes(final_s)} "
-            f"and the first search stage ({first} trials) about {minutes(first * trial_s)}; give --budget "
+            f"and the first search stage ({len(stages[0][1])} trials) about {minutes(need - final_s)}; give --budget "
             f"{int(need // 60) + 1}m or more, or train without --auto"
         )
     began = time.perf_counter()
     search = Search()
-    measured: set[str] = set()
     trials_dir = out.parent / f".{out.name}.auto-trials"
     shutil.rmtree(trials_dir, ignore_errors=True)
+
+    def fresh(candidates: list[dict]) -> list[Recipe]:
+        """The stage's recipes built on the best so far, less those already measured."""
+        recipes = [_apply(search.best or start, changes) for changes in candidates]
+        return [r for r in dict.fromkeys(recipes) if r.describe() not in search.measured]
+
     try:
         for k, (name, candidates) in enumerate(stages):
-            later = sum(len(c) for _, c in stages[k + 1 :])
-            stage_s = len(candidates) * trial_s * costs.scale
+            recipes = fresh(candidates)
+            stage_s = len(recipes) * trial_s * costs.scale
             if time.perf_counter() - began + stage_s + final_s * costs.scale > budget_s:
                 search.skipped.append(name)
-                console.print(f"auto: skipped {name}: its {len(candidates)} trials (about {minutes(stage_s)}) would pass the budget")
+                console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
                 continue
-            for j, changes in enumerate(candidates):
-                recipe = _apply(search.best or start, changes)
-                if recipe.describe() in measured:
-                    continue  # the incumbent, already measured
-                measured.add(recipe.describe())
+            for j, recipe in enumerate(recipes):
                 began_trial = time.perf_counter()
-                quiet = Console(file=open(os.devnull, "w"))
-                info = train(
-                    variant(spec, recipe, trial_steps, trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
-                    backbone, console=quiet, method=recipe.method, baselines=False, report=False,
-                )
+                with open(os.devnull, "w") as sink:
+                    info = train(
+                        variant(spec, recipe, trial_steps, trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
+                        backbone, console=Console(file=sink), method=recipe.method, baselines=False, report=False,
+                    )
                 took = time.perf_counter() - began_trial
-                costs.scale = 0.5 * costs.scale + 0.5 * took / max(trial_s, 1e-9) * costs.scale
-                score = _score(info, spec.train.metric)
-                search.trials.append({
-                    "stage": name, "recipe": recipe.describe(), "validation": round(score, 4),
-                    "calibrated": "calibration" in info.method_settings, "seconds": round(took, 1),
-                })
-                if score > search.best_score:
-                    search.best, search.best_score = recipe, score
-                pending = (len(candidates) - j - 1 + later) * trial_s * costs.scale + final_s * costs.scale
-                left = min(pending, budget_s - (time.perf_counter() - began))
+                costs.scale = 0.5 * costs.scale + 0.5 * took / max(trial_s, 1e-9)  # measured / probed
+                search.add(name, recipe, _score(info, spec.train.metric), "calibration" in info.method_settings, took)
+                later = len(recipes) - j - 1 + sum(len(c) for _, c in stages[k + 1 :])
+                left = min(later * trial_s * costs.scale + final_s * costs.scale, budget_s - (time.perf_counter() - began))
                 console.print(
                     f"auto: trial {len(search.trials)} ({name}) {recipe.describe()}: validation {spec.train.metric} "
-                    f"{score:.3f} in {minutes(took)}; best {search.best_score:.3f}; about {minutes(max(left, 0))} left"
+                    f"{search.trials[-1]['validation']:.3f} in {minutes(took)}; best {search.best_score:.3f}; "
+                    f"at most {minutes(max(left, 0))} left"
                 )
     finally:
         shutil.rmtree(trials_dir, ignore_errors=True)
@@ -186,23 +195,26 @@ def run_auto(
         variant(spec, best, steps, spec.train.eval_every), out, backbone, console=console,
         method=best.method, baselines=baselines, report=report,
     )
-    info.auto = {**search.record(), "seconds": round(time.perf_counter() - began, 1), "budget_s": budget_s}
+    info.auto = {**search.record(start), "seconds": round(time.perf_counter() - began, 1), "budget_s": budget_s}
     info.write(out)
     return info
 
 
 def plan_stages(spec: TaskSpec, start: Recipe, fixed: frozenset[str]) -> list[tuple[str, list[dict]]]:
-    """The stages of the search, each a choice and its candidates (settings the user fixed left out)."""
+    """The stages of the search, each a choice and its candidates, the task's own setting first
+    (settings the user fixed left out)."""
     classification = spec.kind == "classification"
-    lrs = sorted({*method_class("prompt").lrs, start.lr})
+    lrs = [start.lr] + [lr for lr in method_class(start.method).lrs if lr != start.lr]
+    inits = dict.fromkeys([start.init, "vocab", *(["labels"] if classification else []), "demos"])
+    methods = [m for m in SEARCHED_METHODS if m != start.method]
     stages = [
         ("lr", [{"lr": lr} for lr in lrs]),
-        ("init", [{"init": init} for init in dict.fromkeys([start.init, "vocab", "labels" if classification else "vocab", "demos"])]),
+        ("init", [{"init": init} for init in inits]),
         ("label vectors", [{"label_vectors": v} for v in (start.label_vectors, not start.label_vectors)] if classification else []),
-        ("method", [{"method": m, "lr": method_class(m).lr} for m in SEARCHED_METHODS if m != start.method]),
+        ("method", [{"method": m, **({} if "lr" in fixed else {"lr": method_class(m).lr})} for m in methods] if "method" not in fixed else []),
     ]
     counts = [int(n) for n in _SOFT.findall(spec.template)]
-    if len(counts) == 1 and counts[0] >= 2:
+    if len(counts) == 1 and counts[0] >= 2 and not start.init.startswith("from:"):  # a from:RUN prompt has its length
         stages.append(("prompt length", [{"soft": n} for n in (counts[0] // 2, counts[0] * 2)]))
     names = {"lr": "lr", "init": "init", "label vectors": "label_vectors", "method": "method", "prompt length": "soft"}
     return [(name, c) for name, c in stages if c and names[name] not in fixed]
@@ -229,9 +241,10 @@ def _score(info: RunInfo, metric: str) -> float:
     return max(validation["kept"][metric], validation.get("calibrated", {}).get(metric, float("-inf")))
 
 
-def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe) -> Costs:
-    """Time two training steps and a few validation rows of the task, for the estimates."""
-    from .train import _task_for  # local import: train imports this module's neighbours
+def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe) -> tuple[Costs, int]:
+    """Time two training steps and a few validation rows of the task, for the estimates; also
+    returns the number of training rows (for `epochs`)."""
+    from .train import _task_for  # local import, as in run_auto
 
     kind = method_class(recipe.method)
     task, _ = _task_for(variant(spec, recipe, PROBE_STEPS, PROBE_STEPS), kind, backbone)
@@ -250,4 +263,4 @@ def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe) -> Costs:
     else:
         task.model.generate(task.encode(task.model, rows, False), task.decode, spec.train.eval_batch_size)
     row_s = (time.perf_counter() - began) / max(1, len(rows))
-    return Costs(step_s, row_s, len(task.rows["validation"]), len(task.rows["dev"]))
+    return Costs(step_s, row_s, len(task.rows["validation"]), len(task.rows["dev"])), len(task.rows["train"])

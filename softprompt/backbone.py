@@ -452,8 +452,14 @@ class Backbone:
         head = self.model.get_output_embeddings()
         return head.weight[token_ids.to(self.device)].detach().float().clone()
 
+    def output_bias(self, token_ids: torch.Tensor) -> torch.Tensor | float:
+        """The output projection's bias for these tokens (fp32), or 0 for a head without one."""
+        bias = getattr(self.model.get_output_embeddings(), "bias", None)
+        return 0.0 if bias is None else bias[token_ids.to(self.device)].float()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the whole vocabulary (fp32): for generation, never for classification."""
+        """Logits over the whole vocabulary (fp32): for generation, and for the normaliser of
+        length-normalised label scores (one row per classified row, never per label)."""
         return self.cap_logits(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
 
     def token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

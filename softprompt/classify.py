@@ -152,8 +152,9 @@ class LabelRow:
 
 
 def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
-    """Each row's [L] label scores (log of mean word probability, up to a per-row constant); the
-    rows may belong to different tasks (prompts, templates, verbalizers) and run as one batch.
+    """Each row's [L] label scores (log of mean word probability, up to a per-row constant, exact
+    with `length_norm`); the rows may belong to different tasks (prompts, templates, verbalizers)
+    and run as one batch.
 
     One forward pass per batch: after each row's own tokens come, packed, the tokens that score
     its multi-token words (a word's later tokens, and the input that follows a label slot), each
@@ -161,13 +162,13 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
     it would have right after the row. The first token of every word is read at the row's last
     token from the label rows of the output projection only."""
     backbone = rows[0].classifier.backbone
-    pairs = [(r, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
+    pairs = [(r, word, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
     packed = [Row(row.classifier.lm, row.prefix, list(row.body)) for row in rows]
     for row in packed:
         row.offsets, row.groups = list(range(len(row.ids))), [-1] * len(row.ids)
     where: list[tuple[int, int]] = []  # (row, column) of each packed token that predicts a target
-    targets, owners = [], []
-    for index, (r, tokens) in enumerate(pairs):
+    targets, owners, in_word = [], [], []
+    for index, (r, word, tokens) in enumerate(pairs):
         row, body = packed[r], len(rows[r].body)
         for k, token in enumerate(tokens[:-1]):
             where.append((r, len(row.ids)))
@@ -176,6 +177,7 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
             row.groups.append(index)
         targets += tokens[1:]
         owners += [index] * (len(tokens) - 1)
+        in_word += [k < len(word) for k in range(1, len(tokens))]
     out = run_rows(packed)
     bodies = torch.tensor([len(row.body) for row in rows])
     slot_hidden = out.hidden[torch.arange(len(rows)), (bodies - 1).to(out.hidden.device)]
@@ -188,12 +190,18 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
         for r, scores in zip(members, logits):
             first[r] = scores
     flat = torch.cat(first)  # choice scores of every row, in pair order
+    after = torch.zeros_like(flat)  # log-probabilities of the input that follows a slot
     if where:
         at = torch.tensor(where).to(out.hidden.device)
         logp = backbone.token_log_probs(out.hidden[at[:, 0], at[:, 1]], torch.tensor(targets))
-        flat = flat.index_add(0, torch.tensor(owners, device=logp.device), logp)
-    counts = torch.tensor([len(tokens) if rows[r].classifier.length_norm else 1 for r, tokens in pairs])
-    flat = flat / counts.to(flat.device)  # label_scores: mean, a score per token; else the sum
+        word = torch.tensor(in_word, device=logp.device)
+        owner = torch.tensor(owners, device=logp.device)
+        flat = flat.index_add(0, owner[word], logp[word])
+        after = after.index_add(0, owner[~word], logp[~word])
+    # label_scores: mean divides each word's log-probability by its own tokens (not by the input
+    # after the slot, the same for every word); sum keeps it whole
+    counts = torch.tensor([len(word) if rows[r].classifier.length_norm else 1 for r, word, _ in pairs])
+    flat = flat / counts.to(flat.device) + after
     per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
     result: list[torch.Tensor] = list(per_row)
     for members in groups.values():
@@ -210,15 +218,16 @@ def _first_token_scores(classifier: Classifier, hidden: torch.Tensor) -> torch.T
     """[B, C] scores of each choice's first token at the slot: logits of the label rows (learned ones
     where the classifier has them), up to a per-row constant; with `length_norm` exact
     log-probabilities, since a per-row constant divided by unequal token counts would not cancel."""
-    ids = classifier.choices.first_ids
-    backbone = classifier.backbone
-    if classifier.label_rows is None:
-        scores = backbone.logits_for(hidden, ids)
-    else:
-        scores = backbone.cap_logits(hidden.float() @ classifier.label_rows.to(hidden.device).float().T)
+    ids, backbone = classifier.choices.first_ids, classifier.backbone
+    if classifier.label_rows is None and not classifier.length_norm:
+        return backbone.logits_for(hidden, ids)
+    if classifier.label_rows is None:  # exact: the scores and their normaliser from the same logits
+        vocab = backbone.logits(hidden)
+        return vocab[:, ids.to(vocab.device)] - vocab.logsumexp(-1, keepdim=True)
+    rows = classifier.label_rows.to(hidden.device).float()
+    learned = backbone.cap_logits(hidden.float() @ rows.T + backbone.output_bias(ids))
     if not classifier.length_norm:
-        return scores
-    vocab = backbone.logits(hidden)
-    if classifier.label_rows is not None:  # the learned rows stand in for the first tokens' own
-        vocab = torch.cat([vocab.index_fill(-1, ids.unique().to(vocab.device), float("-inf")), scores], dim=-1)
-    return scores - vocab.logsumexp(-1, keepdim=True)
+        return learned
+    # the learned rows stand in for the first tokens' own rows in the normaliser
+    vocab = backbone.logits(hidden).index_fill(-1, ids.unique().to(hidden.device), float("-inf"))
+    return learned - torch.cat([vocab, learned], dim=-1).logsumexp(-1, keepdim=True)

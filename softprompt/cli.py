@@ -60,7 +60,7 @@ def train(
         Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")
     ] = None,
     init: Annotated[
-        Optional[str], typer.Option(help='random | vocab | text:"..." | labels | from:RUN')
+        Optional[str], typer.Option(help='random | vocab | text:"..." | labels | demos | from:RUN')
     ] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="epochs, when --steps is not given")] = None,
@@ -145,6 +145,8 @@ def train(
         if lr is None and method != "prompt" and method in METHODS:
             # a task file's train.lr is a soft prompt's rate; other methods start from their own default
             spec.train.lr = METHODS[method].lr or spec.train.lr
+        if budget is not None and not auto:
+            raise AutoError("--budget is the time of an --auto search: add --auto, or drop --budget")
         if auto:
             _train_auto(spec, out, method, {"lr": lr, "init": init}, budget, resume, zero_shot, report)
         else:
@@ -157,19 +159,18 @@ def train(
 
 def _train_auto(spec, out: Path, method: str, flags: dict, budget: str | None, resume: bool, zero_shot: bool, report: bool) -> None:
     from .auto import SEARCHED_METHODS, parse_duration, run_auto
+    from .train import find_checkpoint
 
     if resume:
         raise AutoError("--auto cannot resume (its trials are short runs): start it again with a new --out")
     if method not in SEARCHED_METHODS:
         raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(SEARCHED_METHODS)}), not {method!r}")
     fixed = {name for name, value in flags.items() if value is not None} | ({"method"} if method != "prompt" else set())
-    if (out / "task.json").exists():
+    if (out / "task.json").exists() or find_checkpoint(out):
         raise AutoError(f"{out} already holds a run: choose another --out")
     with console.status(f"loading model {spec.model} ..."):
         backbone = Backbone.load(spec.model)
     console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
-    if method != "prompt":
-        spec.train.lr = METHODS[method].lr
     run_auto(
         spec, out, backbone, console, parse_duration(budget), frozenset(fixed), baselines=zero_shot, report=report,
         method=method,

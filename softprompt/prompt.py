@@ -133,7 +133,9 @@ def init_prompt(
         rest = _vocab_rows(backbone, length - len(rows), generator)
         return SoftPrompt(torch.cat([torch.stack(rows), rest]) if rows else rest)
     if spec == "demos":
-        ids = _demonstration_ids(backbone, demonstrations or [], length)
+        if not demonstrations:
+            raise InitError("init demos: there are no training rows to render as demonstrations")
+        ids = _demonstration_ids(backbone, demonstrations, length)
         rest = _vocab_rows(backbone, length - len(ids), generator)
         return SoftPrompt(torch.cat([backbone.embed(torch.tensor(ids, dtype=torch.long)).detach().float().cpu(), rest]))
     if spec.startswith("from:"):

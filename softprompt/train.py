@@ -141,9 +141,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def identity_changes(saved: dict, now: dict) -> list[str]:
-    """'setting: saved -> now' for every setting that differs."""
+    """'setting: saved -> now' for every setting that differs. A setting newer than the saved
+    checkpoint counts as unchanged while it has its default (the run was made under that default)."""
     old, new = _flatten(saved), _flatten(now)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    defaults = _flatten({**TaskSpec.model_construct().model_dump(exclude={"model"}), "train": TrainSettings().model_dump()})
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])
+    ]
 
 
 def _refuse_changed_resume(run: Path, saved: dict, now: dict) -> None:
@@ -308,6 +314,8 @@ def train(
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
     task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
     trainer = kind.build(task, backbone)
+    if spec.label_vectors and not kind.learns_label_vectors():
+        console.print(f"[yellow]note: label_vectors is ignored by method {method!r} (it trains no soft prompt)")
     checkpoint, fresh = _starting_point(run, task, backbone, trainer, found, console)
     _warn_task(task, backbone, console, kind.trains)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))

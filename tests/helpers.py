@@ -49,8 +49,8 @@ def transformers_greedy(generator, ids: list[int], max_new_tokens: int) -> list[
 
 def reference_label_scores(clf, encoded, row: int, mean: bool = False):
     """[L] label scores of one row from plain full-sequence forwards, no cache: each choice's word
-    (+ what follows the slot) run after the row's prompt, its log-probabilities summed (averaged
-    when `mean`), then the verbalizer's label formula. What the cached, batched scoring must equal."""
+    (+ what follows the slot) run after the row's prompt, its log-probabilities summed (the word's
+    own averaged when `mean`), then the verbalizer's label formula. What the cached, batched scoring must equal."""
     import torch
 
     backbone = clf.backbone
@@ -61,8 +61,9 @@ def reference_label_scores(clf, encoded, row: int, mean: bool = False):
             tokens = word + encoded.afters[row]
             hidden = backbone.body(inputs_embeds=clf.lm.splice(torch.tensor([context + tokens]))).last_hidden_state
             logp = torch.log_softmax(backbone.logits(hidden[0]), -1)
-            total = sum(logp[len(context) - 1 + j, t] for j, t in enumerate(tokens))
-            scores.append(total / len(tokens) if mean else total)
+            each = [logp[len(context) - 1 + j, t] for j, t in enumerate(tokens)]
+            in_word, after = sum(each[: len(word)]), sum(each[len(word) :])
+            scores.append((in_word / len(word) if mean else in_word) + after)
     return clf.choices.label_scores(torch.stack(scores).unsqueeze(0))[0]
 
 

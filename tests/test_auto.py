@@ -36,7 +36,7 @@ def test_settings_given_on_the_command_line_are_not_searched(tmp_path, tiny_mode
 
 
 def test_a_budget_too_small_is_refused_up_front_with_the_time_the_task_needs(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
-    monkeypatch.setattr("softprompt.auto.probe", lambda *a: Costs(step_s=2.0, row_s=0.5, validation_rows=10, report_rows=10))
+    monkeypatch.setattr("softprompt.auto.probe", lambda *a: (Costs(step_s=2.0, row_s=0.5, validation_rows=10, report_rows=10), 20))
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=100))
     # final: 100 steps x 2 s + (100 // 2 + 3 passes) x 10 rows x 0.5 s + 20 report rows x 0.5 s = 475 s;
     # a trial: 30 steps x 2 s + 3 passes x 10 rows x 0.5 s = 75 s, and the lr stage holds 3 of them
@@ -60,3 +60,13 @@ def _start(spec):
     from softprompt.auto import Recipe
 
     return Recipe("prompt", spec.train.lr, str(spec.init), spec.label_vectors, None)
+
+
+def test_auto_refuses_when_every_choice_is_fixed_and_budget_needs_auto(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = load_task(write_task(tmp_path, tiny_model_dir))
+    every = frozenset({"lr", "init", "label_vectors", "method", "soft"})
+    with pytest.raises(AutoError, match="nothing left to search"):
+        run_auto(spec, tmp_path / "run", tiny_backbone, quiet(), fixed=every)
+    task = write_task(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(app, ["train", str(task), "--out", str(tmp_path / "run"), "--budget", "5m"])
+    assert result.exit_code != 0 and "add --auto" in result.output and not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.artifact import RunInfo, load_run
+from softprompt.backbone import Backbone
 from softprompt.classify import Classifier
 from softprompt.methods import method_class
 from softprompt.prompt import init_prompt
@@ -102,10 +103,11 @@ def test_a_run_with_label_vectors_stopped_and_resumed_equals_the_straight_run(tm
             torch.testing.assert_close(load_file(str(tmp_path / "cut" / name))[key], value, rtol=0, atol=0)
 
 
-def test_label_vectors_are_refused_for_generation_and_for_methods_that_train_nothing(tmp_path, tiny_model_dir, tiny_backbone):
-    spec = task_file(tmp_path, tiny_model_dir, top="label_vectors: true\n")
-    with pytest.raises(ValueError, match="label_vectors"):
-        train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), method="zero-shot")
+@pytest.mark.parametrize("name", ["zero-shot", "lora"])
+def test_label_vectors_are_ignored_by_methods_without_a_soft_prompt_and_refused_for_generation(name, tmp_path, tiny_model_dir):
+    spec = task_file(tmp_path, tiny_model_dir, steps=2, top="label_vectors: true\n")
+    info = train(spec, tmp_path / "run", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name)
+    assert not info.label_vectors and not (tmp_path / "run" / "labels.safetensors").exists()
     (tmp_path / "gen.jsonl").write_text(json.dumps({"text": "a", "target": "b"}) + "\n")
     (tmp_path / "gen.yaml").write_text(
         f"model: {tiny_model_dir}\ntemplate: '{{soft:2}} {{text}} => {{target}}'\nlabel_vectors: true\n"

@@ -26,7 +26,7 @@ from rich.console import Console
 from ..methods import METHODS
 from ..train import METRICS_FILE
 
-ARTIFACT_FILES = ("prompt.safetensors", "prefix.safetensors", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
+ARTIFACT_FILES = ("prompt.safetensors", "prefix.safetensors", "labels.safetensors", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
 # Before a method has a cell of its own, its time is guessed from prompt tuning's, scaled by these
 # factors (search cells on SST-2, 100 steps, default model, 2 CPU cores: README, "Methods"); only to
 # warn and to keep within the budget.

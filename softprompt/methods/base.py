@@ -63,11 +63,15 @@ class Method(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(task.spec.train.seed)
             method = cls.create(task, backbone)
-        if task.spec.label_vectors:
-            if not cls.trains or task.kind != "classification":
-                raise MethodError(f"label_vectors: method {cls.name!r} on a {task.kind} task trains no label vectors")
+        if task.spec.label_vectors and cls.learns_label_vectors():
             method.label_rows = torch.nn.Parameter(backbone.output_rows(task.model.choices.first_ids))
         return method
+
+    @classmethod
+    def learns_label_vectors(cls) -> bool:
+        """Whether `label_vectors: true` trains label vectors beside this method's own tensors: not
+        for methods that train nothing, nor for those whose state is the model's weights (lora, full)."""
+        return cls.trains and not cls.changes_base
 
     @classmethod
     def create(cls, task: Task, backbone: Backbone) -> Method:

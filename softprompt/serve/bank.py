@@ -27,6 +27,7 @@ from ..backbone import Backbone
 from ..classify import Classifier, LabelRow, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, GenRow
 from ..methods import SHARES_BASE
+from ..methods.base import LABELS_FILE
 from ..methods.prefix import PREFIX_FILE
 from ..prompt import PROMPT_FILE
 from ..prompted import Prefix
@@ -173,7 +174,7 @@ class TaskBank:
         for key, tensor in sorted((prompt.tensors() if prompt is not None else {}).items()):
             digest.update(key.encode())
             digest.update(tensor.float().numpy().tobytes())
-        size = sum((folder / f).stat().st_size for f in (PROMPT_FILE, PREFIX_FILE) if (folder / f).is_file())
+        size = sum((folder / f).stat().st_size for f in (PROMPT_FILE, PREFIX_FILE, LABELS_FILE) if (folder / f).is_file())
         task = ServedTask(name, folder, info, model, digest.hexdigest(), size)
         with self.lock:
             self.tasks[name] = task
