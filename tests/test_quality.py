@@ -172,3 +172,14 @@ def test_auto_calibration_is_kept_when_it_raises_the_validation_score(tmp_path, 
     assert validation["calibrated"]["accuracy"] > validation["kept"]["accuracy"]
     assert "calibration" in info.method_settings
     assert RunInfo.read(tmp_path / "run").method_settings["calibration"] == info.method_settings["calibration"]
+
+
+def test_a_checkpoint_from_before_the_new_settings_resumes_while_they_keep_their_defaults(tmp_path, tiny_model_dir, tiny_backbone):
+    from softprompt.train import identity_changes, run_identity
+
+    now = run_identity(task_file(tmp_path, tiny_model_dir), tiny_backbone)
+    older = {k: v for k, v in now.items() if k not in ("label_scores", "label_vectors")}
+    older["train"] = {k: v for k, v in now["train"].items() if k not in ("calibrate", "label_lr")}
+    assert identity_changes(older, now) == []
+    changed = run_identity(task_file(tmp_path, tiny_model_dir, extra=", calibrate: off", top="label_scores: mean\n"), tiny_backbone)
+    assert identity_changes(older, changed) == ["label_scores: None -> 'mean'", "train.calibrate: None -> 'off'"]
