@@ -298,11 +298,14 @@ def train(
     method: str = "prompt",
     baselines: bool = True,
     report: bool = True,
+    stop_after: int | None = None,
 ) -> RunInfo:
     """Train `method` (methods.METHODS) for the task (classification or generation) and write the
     run folder `out`. `on_step(step)` is called after each step. `baselines=False` skips zero-shot
     prompting (compare scores it once, as a method); `report=False` skips scoring the dev rows (a
-    learning-rate search only needs validation). A method that changes the model's weights changes
+    learning-rate search only needs validation). `stop_after=K` ends after K steps of the task's
+    schedule, validating there (a search trial is the start of the run it predicts, not a
+    compressed copy with a faster decay). A method that changes the model's weights changes
     `backbone`'s."""
     console = console or Console(stderr=True)
     run = Path(out)
@@ -335,7 +338,7 @@ def train(
             if fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
                 _baselines(task, checkpoint, log, progress, console, baselines and kind.trains)
                 _commit(run, checkpoint, trainer, optimizer, best_changed=True, save=True)
-            _loop(run, task, checkpoint, trainer, optimizer, steps, log, progress, on_step)
+            _loop(run, task, checkpoint, trainer, optimizer, steps, log, progress, on_step, stop_after)
             info = _finish(run, task, checkpoint, trainer, settings, log, progress, backbone, report)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
@@ -426,16 +429,18 @@ def _loop(
     log: Log,
     progress: Progress,
     on_step: Callable[[int], None] | None,
+    stop_after: int | None = None,
 ) -> None:
     settings, state = task.spec.train, checkpoint.state
-    if optimizer is None or state.step >= steps:
+    until = steps if stop_after is None else min(steps, stop_after)
+    if optimizer is None or state.step >= until:
         return
     stream = micro_batches(task.lengths(), settings, state.step * settings.grad_accum)
     metric = settings.metric
     params = list(trainer.trainable().values())
     last = state.baseline.get("initial_prompt", {}).get(metric, float("nan"))
-    bar = progress.add_task("training", total=steps, completed=state.step, info=f"validation {metric} {last:.3f}")
-    while state.step < steps and not state.stopped_early:
+    bar = progress.add_task("training", total=until, completed=state.step, info=f"validation {metric} {last:.3f}")
+    while state.step < until and not state.stopped_early:
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.step, steps, settings) * group.get("scale", 1.0)
@@ -454,7 +459,7 @@ def _loop(
         state.examples += seen
         state.train_seconds += time.perf_counter() - started
         log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
-        best_changed, validated = False, state.step % settings.eval_every == 0 or state.step == steps
+        best_changed, validated = False, state.step % settings.eval_every == 0 or state.step in (steps, until)
         if validated:
             with _phase(progress, "validating", len(task.rows["validation"])) as advance:
                 result = task.validate(advance)

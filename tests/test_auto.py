@@ -27,6 +27,10 @@ def test_auto_chooses_the_best_trial_on_validation_and_trains_it_fully(tmp_path,
     recipe = dict(part.split(" ", 1) for part in best["recipe"].split(", ")[1:3])
     assert saved.training["lr"] == float(recipe["lr"]) and saved.init == recipe["init"]
     assert not (tmp_path / ".run.auto-trials").exists()
+    # a trial is the first 30 steps of the final run's own schedule, and the final run validates at
+    # step 30 too: it keeps a state at least as good on validation as the trial that chose it
+    validation = saved.metrics["validation"]
+    assert max(validation["kept"]["accuracy"], validation.get("calibrated", {}).get("accuracy", 0)) >= best["validation"] - 1e-4
 
 
 def test_settings_given_on_the_command_line_are_not_searched(tmp_path, tiny_model_dir):
@@ -70,3 +74,28 @@ def test_auto_refuses_when_every_choice_is_fixed_and_budget_needs_auto(tmp_path,
     task = write_task(tmp_path, tiny_model_dir)
     result = CliRunner().invoke(app, ["train", str(task), "--out", str(tmp_path / "run"), "--budget", "5m"])
     assert result.exit_code != 0 and "add --auto" in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_trial_is_the_start_of_the_final_run_s_own_schedule(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    import softprompt.train as training
+
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=6))
+    training.train(spec, tmp_path / "full", backbone=tiny_backbone, console=quiet(), baselines=False)
+    training.train(spec, tmp_path / "trial", backbone=tiny_backbone, console=quiet(), baselines=False, stop_after=3)
+    def lines(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    def steps(run):
+        return [x for x in lines(run) if "loss" in x]
+    assert steps("trial") == steps("full")[:3]  # the same losses at the same learning rates
+    assert any(x.get("split") == "validation" and x["step"] == 3 for x in lines("trial"))
+    calls = []
+    real = training.train
+
+    def spy(spec, out, *args, **kwargs):
+        calls.append((spec.train.steps, kwargs.get("stop_after")))
+        return real(spec, out, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    run_auto(load_task(write_task(tmp_path, tiny_model_dir, steps=40)), tmp_path / "auto", tiny_backbone, quiet(),
+             fixed=frozenset({"init", "label_vectors", "method", "soft"}))
+    assert calls == [(40, 30)] * 3 + [(40, None)]  # three learning rates, then the final run
