@@ -90,3 +90,19 @@ def write_run(folder, backbone, template: str, verbalizer=None, seed: int = 0, m
         init="vocab",
     ).write(folder)
     return folder
+
+
+def train_stopped_and_resumed(spec, run, backbone_for, stop_at: int, **kwargs):
+    """Train into `run`, interrupted (Ctrl-C) after step `stop_at`, then resumed to the end.
+    `backbone_for()` gives the model of each start (a fresh one where the method changes it)."""
+    import pytest
+
+    from softprompt.train import train
+
+    def stop(step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, run, backbone=backbone_for(), console=quiet(), on_step=stop, **kwargs)
+    return train(spec, run, backbone=backbone_for(), console=quiet(), resume=True, **kwargs)

@@ -3,12 +3,12 @@ same; the folded methods are plain prompts; a prefix is the model's own keys at 
 divides the content-free prior out; few-shot demonstrations sit in the shared prefix; a run of any
 method resumes exactly."""
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import softprompt.train as train_mod
 from softprompt.artifact import RunInfo, load_run
 from softprompt.backbone import Backbone
 from softprompt.methods import METHODS, method_class
@@ -17,7 +17,7 @@ from softprompt.prompt import SoftPrompt
 from softprompt.task import TaskError, load_task
 from softprompt.train import CHECKPOINT, _task_for, train
 
-from helpers import quiet, write_task
+from helpers import quiet, train_stopped_and_resumed, write_task
 
 TRAINED = [name for name, m in METHODS.items() if m.trains]
 
@@ -144,19 +144,21 @@ def test_few_shot_demonstrations_sit_in_the_shared_prefix_within_their_token_cap
 
 
 @pytest.mark.parametrize("name", ["residual", "prefix", "lora"])
-def test_a_run_of_another_method_stopped_and_resumed_equals_the_uninterrupted_run(name, tmp_path, tiny_model_dir):
+def test_a_run_of_another_method_stopped_and_resumed_equals_the_uninterrupted_run(name, tmp_path, tiny_model_dir, monkeypatch):
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=6, extra=f", lr: {METHODS[name].lr}"))
     train(spec, tmp_path / "straight", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name)
 
-    def stop_at_five(step):
-        if step == 5:
-            raise KeyboardInterrupt
+    saved = []
+    real_resume = train_mod._starting_point
 
-    with pytest.raises(KeyboardInterrupt):
-        train(spec, tmp_path / "cut", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name, on_step=stop_at_five)
-    saved_step = json.loads((tmp_path / "cut" / CHECKPOINT / "state.json").read_text())["state"]["step"]
-    assert saved_step == (4 if METHODS[name].changes_base else 5)  # a model's weights: at validations only
-    train(spec, tmp_path / "cut", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name, resume=True)
+    def note_step(run, *args):  # the step the resume starts from: a model's weights are saved at validations only
+        checkpoint, fresh = real_resume(run, *args)
+        saved.append(None if fresh else checkpoint.state.step)
+        return checkpoint, fresh
+
+    monkeypatch.setattr(train_mod, "_starting_point", note_step)
+    train_stopped_and_resumed(spec, tmp_path / "cut", lambda: Backbone.load(str(tiny_model_dir)), stop_at=5, method=name)
+    assert saved == [None, 4 if METHODS[name].changes_base else 5]
     a, b = RunInfo.read(tmp_path / "cut").metrics, RunInfo.read(tmp_path / "straight").metrics
     assert a["dev"] == b["dev"] and a["validation"] == b["validation"]
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()

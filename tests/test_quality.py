@@ -15,10 +15,10 @@ from softprompt.methods import method_class
 from softprompt.prompt import init_prompt
 from softprompt.task import TaskError, load_task
 from softprompt.template import Template
-from softprompt.train import CHECKPOINT, _task_for, train
+from softprompt.train import _task_for, train
 from softprompt.verbalizer import Verbalizer
 
-from helpers import quiet, reference_label_scores, write_task
+from helpers import quiet, reference_label_scores, train_stopped_and_resumed, write_task
 
 ROWS = [{"text": "a great film"}, {"text": "a dull, boring mess with many more words in it"}, {"text": "ok"}]
 LONG_NAMES = {"pos": ["great film, truly moving", "positive"], "neg": ["dull"]}
@@ -89,15 +89,7 @@ def test_label_vectors_are_trained_saved_and_read_back_by_eval(tmp_path, tiny_mo
 def test_a_run_with_label_vectors_stopped_and_resumed_equals_the_straight_run(tmp_path, tiny_model_dir, tiny_backbone):
     spec = task_file(tmp_path, tiny_model_dir, steps=6, extra=", label_lr: 0.05", top="label_vectors: true\n")
     train(spec, tmp_path / "straight", backbone=tiny_backbone, console=quiet())
-
-    def stop_at_three(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), on_step=stop_at_three)
-    assert (tmp_path / "cut" / CHECKPOINT).exists()
-    train(spec, tmp_path / "cut", backbone=tiny_backbone, console=quiet(), resume=True)
+    train_stopped_and_resumed(spec, tmp_path / "cut", lambda: tiny_backbone, stop_at=3)
     for name in ("labels.safetensors", "prompt.safetensors"):
         for key, value in load_file(str(tmp_path / "straight" / name)).items():
             torch.testing.assert_close(load_file(str(tmp_path / "cut" / name))[key], value, rtol=0, atol=0)
