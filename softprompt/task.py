@@ -39,7 +39,8 @@ class TrainSettings(BaseModel):
         0.03, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
     )
     label_lr: float = Field(
-        0.003, gt=0, description="peak learning rate of learned label vectors (label_vectors: true)"
+        0.0003, gt=0, description="peak learning rate of learned label vectors (label_vectors: true); 0.003 "
+        "moved them too far on SST-2 (README)"
     )
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
