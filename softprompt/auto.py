@@ -104,16 +104,6 @@ class Search:
         }
 
 
-def parse_duration(text: str | None) -> float | None:
-    """'90s', '20m', '1.5h' or plain seconds -> seconds; None stays None."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
-    if not match:
-        raise AutoError(f"--budget {text!r}: use seconds, or a number with s, m or h (e.g. 20m)")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-
-
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 

@@ -158,7 +158,8 @@ def train(
 
 
 def _train_auto(spec, out: Path, method: str, flags: dict, budget: str | None, resume: bool, zero_shot: bool, report: bool) -> None:
-    from .auto import SEARCHED_METHODS, parse_duration, run_auto
+    from .auto import SEARCHED_METHODS, run_auto
+    from .compare.grid import parse_budget
     from .train import find_checkpoint
 
     if resume:
@@ -168,11 +169,15 @@ def _train_auto(spec, out: Path, method: str, flags: dict, budget: str | None, r
     fixed = {name for name, value in flags.items() if value is not None} | ({"method"} if method != "prompt" else set())
     if (out / "task.json").exists() or find_checkpoint(out):
         raise AutoError(f"{out} already holds a run: choose another --out")
+    try:
+        budget_s = parse_budget(budget)
+    except ValueError as err:  # compare's budget syntax, refused as a user error here too
+        raise AutoError(str(err)) from err
     with console.status(f"loading model {spec.model} ..."):
         backbone = Backbone.load(spec.model)
     console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
     run_auto(
-        spec, out, backbone, console, parse_duration(budget), frozenset(fixed), baselines=zero_shot, report=report,
+        spec, out, backbone, console, budget_s, frozenset(fixed), baselines=zero_shot, report=report,
         method=method,
     )
 
