@@ -35,10 +35,10 @@ TEMPLATE = "{soft:20} Summarize the function in one sentence.\nCode:\n{input}\nS
 
 def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
     from softprompt import Backbone, SoftPrompt, Template, init_prompt
-    from softprompt.artifact import RunInfo
     from softprompt.data import load_examples
     from softprompt.generate import DecodeConfig, Generator
     from softprompt.peft_interop import write_adapter
+    from softprompt.run import RunInfo
 
     backbone = Backbone.load("default")
     if args.run:

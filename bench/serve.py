@@ -221,7 +221,7 @@ def _spliced_generate(base, task, prepared, max_new_tokens: int, eos: int) -> li
 def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
     """Rows/s of classification requests of a task with a 100-token soft prompt and ~15-token
     inputs (SST-2 dev sentences of 10 to 20 tokens, one-token labels), the prefix cached or not."""
-    from softprompt.artifact import RunInfo
+    from softprompt.run import RunInfo
     from softprompt.prompt import init_prompt
 
     texts = [json.loads(line)["text"] for line in SST2_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,9 +1,10 @@
 """softprompt: prompt tuning for frozen causal language models."""
 
-from .artifact import RunInfo, load_classifier
+from .artifact import load_classifier
 from .backbone import Backbone
 from .classify import Classifier
 from .prompt import SoftPrompt, init_prompt
+from .run import RunInfo
 from .task import TaskSpec, load_task
 from .template import Template
 from .verbalizer import Verbalizer

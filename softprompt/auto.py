@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .artifact import RunInfo
 from .backbone import Backbone
-from .methods import method_class
+from .calibration import is_calibrated
+from .methods import DEFAULT_METHOD, METHODS, method_class
+from .run import RunInfo
 from .task import TaskSpec
 
 DEFAULT_BUDGET_S = 20 * 60
 PROBE_STEPS, PROBE_ROWS = 2, 16
-SEARCHED_METHODS = ("prompt", "residual")
+SEARCHED_METHODS = tuple(name for name, m in METHODS.items() if m.searched_by_auto)
 _SOFT = re.compile(r"\{soft:(\d+)\}")
 
 
@@ -108,6 +109,21 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+@dataclass
+class Schedule:
+    """The final run's and a trial's length and expected seconds, and the budget they share."""
+
+    steps: int
+    trial_steps: int
+    final_s: float
+    trial_s: float
+    budget_s: float
+    began: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.began)
+
+
 def run_auto(
     spec: TaskSpec,
     out: Path,
@@ -115,82 +131,101 @@ def run_auto(
     console: Console,
     budget_s: float | None = None,
     fixed: frozenset[str] = frozenset(),
+    *,
     baselines: bool = True,
-    method: str = "prompt",
+    method: str = DEFAULT_METHOD,
     report: bool = True,
 ) -> RunInfo:
     """Search the recipe (leaving the settings named in `fixed` as the task has them), then train
     the winner into `out`; returns its RunInfo, with the search in `auto`."""
-    from .train import total_steps, train  # local import: train imports what this module builds on
+    from .train import train  # local import: train imports what this module builds on
 
-    budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
     start = Recipe(method, spec.train.lr, str(spec.init), spec.label_vectors, None)
     stages = plan_stages(spec, start, fixed)
     if not stages:
         raise AutoError("--auto has nothing left to search: every choice it makes is fixed by the flags or the task")
     costs, train_rows = probe(spec, backbone, start)
+    schedule = plan_schedule(spec, costs, train_rows, DEFAULT_BUDGET_S if budget_s is None else budget_s,
+                             first_stage=len(stages[0][1]), report=report, baselines=baselines)
+    console.print(
+        f"auto: a trial of {schedule.trial_steps} steps takes about {minutes(schedule.trial_s)}, the final run of "
+        f"{schedule.steps} about {minutes(schedule.final_s)}; budget {minutes(schedule.budget_s)}"
+    )
+    search = Search()
+    trials_dir = out.parent / f".{out.name}.auto-trials"
+    shutil.rmtree(trials_dir, ignore_errors=True)
+    try:
+        for k, (name, candidates) in enumerate(stages):
+            later = sum(len(c) for _, c in stages[k + 1 :])
+            _run_stage(name, candidates, later, spec=spec, backbone=backbone, console=console, start=start,
+                       search=search, costs=costs, schedule=schedule, trials_dir=trials_dir)
+    finally:
+        shutil.rmtree(trials_dir, ignore_errors=True)
+    best = search.best or start
+    console.print(f"auto: chose {best.describe()} (validation {search.best_score:.3f}); training it for {schedule.steps} steps")
+    info = train(
+        variant(spec, best, schedule.steps, spec.train.eval_every), out, backbone, console=console,
+        method=best.method, baselines=baselines, report=report,
+    )
+    info.auto = {**search.record(start), "seconds": round(time.perf_counter() - schedule.began, 1), "budget_s": schedule.budget_s}
+    info.write(out)
+    return info
+
+
+def plan_schedule(
+    spec: TaskSpec, costs: Costs, train_rows: int, budget_s: float, *, first_stage: int, report: bool, baselines: bool
+) -> Schedule:
+    """Trials are the first quarter of the final run (at least 30 steps); refused when the final
+    run and the first stage's `first_stage` trials would not fit the budget."""
+    from .train import total_steps
+
     steps = total_steps(spec.train, train_rows)
     trial_steps = max(min(steps, 30), steps // 4)
     final_s = costs.run_s(steps, spec.train.eval_every, report, baselines)
     trial_s = costs.run_s(trial_steps, trial_steps, report=False, zero_shot=False)
-    need = final_s + len(stages[0][1]) * trial_s
-    console.print(
-        f"auto: a trial of {trial_steps} steps takes about {minutes(trial_s)}, the final run of {steps} about "
-        f"{minutes(final_s)}; budget {minutes(budget_s)}"
-    )
+    need = final_s + first_stage * trial_s
     if need > budget_s:
         raise AutoError(
             f"--budget {minutes(budget_s)} is too small for this task: the final run takes about {minutes(final_s)} "
-            f"and the first search stage ({len(stages[0][1])} trials) about {minutes(need - final_s)}; give --budget "
+            f"and the first search stage ({first_stage} trials) about {minutes(need - final_s)}; give --budget "
             f"{int(need // 60) + 1}m or more, or train without --auto"
         )
-    began = time.perf_counter()
-    search = Search()
-    trials_dir = out.parent / f".{out.name}.auto-trials"
-    shutil.rmtree(trials_dir, ignore_errors=True)
+    return Schedule(steps, trial_steps, final_s, trial_s, budget_s)
 
-    def fresh(candidates: list[dict]) -> list[Recipe]:
-        """The stage's recipes built on the best so far, less those already measured."""
-        recipes = [_apply(search.best or start, changes) for changes in candidates]
-        return [r for r in dict.fromkeys(recipes) if r.describe() not in search.measured]
 
-    try:
-        for k, (name, candidates) in enumerate(stages):
-            recipes = fresh(candidates)
-            stage_s = len(recipes) * trial_s * costs.scale
-            if time.perf_counter() - began + stage_s + final_s * costs.scale > budget_s:
-                search.skipped.append(name)
-                console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
-                continue
-            for j, recipe in enumerate(recipes):
-                began_trial = time.perf_counter()
-                with open(os.devnull, "w") as sink:
-                    info = train(
-                        variant(spec, recipe, steps, trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
-                        backbone, console=Console(file=sink), method=recipe.method, baselines=False, report=False,
-                        stop_after=trial_steps,
-                    )
-                took = time.perf_counter() - began_trial
-                costs.scale = 0.5 * costs.scale + 0.5 * took / max(trial_s, 1e-9)  # measured / probed
-                search.add(name, recipe, _score(info, spec.train.metric), "calibration" in info.method_settings, took)
-                later = len(recipes) - j - 1 + sum(len(c) for _, c in stages[k + 1 :])
-                left = min(later * trial_s * costs.scale + final_s * costs.scale, budget_s - (time.perf_counter() - began))
-                console.print(
-                    f"auto: trial {len(search.trials)} ({name}) {recipe.describe()}: validation {spec.train.metric} "
-                    f"{search.trials[-1]['validation']:.3f} in {minutes(took)}; best {search.best_score:.3f}; "
-                    f"at most {minutes(max(left, 0))} left"
-                )
-    finally:
-        shutil.rmtree(trials_dir, ignore_errors=True)
-    best = search.best or start
-    console.print(f"auto: chose {best.describe()} (validation {search.best_score:.3f}); training it for {steps} steps")
-    info = train(
-        variant(spec, best, steps, spec.train.eval_every), out, backbone, console=console,
-        method=best.method, baselines=baselines, report=report,
-    )
-    info.auto = {**search.record(start), "seconds": round(time.perf_counter() - began, 1), "budget_s": budget_s}
-    info.write(out)
-    return info
+def _run_stage(
+    name: str, candidates: list[dict], later: int, *, spec: TaskSpec, backbone: Backbone, console: Console,
+    start: Recipe, search: Search, costs: Costs, schedule: Schedule, trials_dir: Path,
+) -> None:
+    """One stage's trials (its recipes built on the best so far, less those measured), or none when
+    they and the final run would pass the budget; `later`: trials of the stages after it."""
+    from .train import train
+
+    recipes = [_apply(search.best or start, changes) for changes in candidates]
+    recipes = [r for r in dict.fromkeys(recipes) if r.describe() not in search.measured]
+    stage_s = len(recipes) * schedule.trial_s * costs.scale
+    if stage_s + schedule.final_s * costs.scale > schedule.left():
+        search.skipped.append(name)
+        console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
+        return
+    for j, recipe in enumerate(recipes):
+        began_trial = time.perf_counter()
+        with open(os.devnull, "w") as sink:
+            info = train(
+                variant(spec, recipe, schedule.steps, schedule.trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
+                backbone, console=Console(file=sink), method=recipe.method, baselines=False, report=False,
+                stop_after=schedule.trial_steps,
+            )
+        took = time.perf_counter() - began_trial
+        costs.scale = 0.5 * costs.scale + 0.5 * took / max(schedule.trial_s, 1e-9)  # measured / probed
+        search.add(name, recipe, _score(info, spec.train.metric), is_calibrated(info), took)
+        remaining = len(recipes) - j - 1 + later
+        left = min((remaining * schedule.trial_s + schedule.final_s) * costs.scale, schedule.left())
+        console.print(
+            f"auto: trial {len(search.trials)} ({name}) {recipe.describe()}: validation {spec.train.metric} "
+            f"{search.trials[-1]['validation']:.3f} in {minutes(took)}; best {search.best_score:.3f}; "
+            f"at most {minutes(max(left, 0))} left"
+        )
 
 
 def plan_stages(spec: TaskSpec, start: Recipe, fixed: frozenset[str]) -> list[tuple[str, list[dict]]]:

@@ -327,7 +327,8 @@ class Backbone:
     ) -> None:
         self.spec = spec
         self.load_seconds = load_seconds
-        self.fingerprint = fingerprint(model)  # taken on the fp32 weights, before any cast
+        self.base_fingerprint = fingerprint(model)  # taken on the fp32 weights, before any cast
+        self.fingerprint = self.base_fingerprint  # the weights as they are now (see `mark_changed`)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 halves memory and is fast on GPUs; CPUs without bf16 units are faster in fp32.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -354,6 +355,11 @@ class Backbone:
             path, gguf_file = str(cached), None
         tokenizer, model = _from_folder(path) if Path(path).is_dir() else _from_hub(path)
         return cls(model, tokenizer, spec, time.perf_counter() - start, device)
+
+    def mark_changed(self, how: str) -> None:
+        """A method changed the model's weights (lora adapters, full fine-tuning): from now on no
+        run trained on the base model is accepted on this backbone (`run.check_model`)."""
+        self.fingerprint = f"{self.base_fingerprint}+{how}"
 
     # -- the pieces of the model we use ------------------------------------------------------
     @property

@@ -14,16 +14,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .artifact import ArtifactError, RunInfo, load_run
+from .artifact import load_run
 from .auto import AutoError
 from .backbone import Backbone, ModelNotFound
+from .calibration import is_calibrated
 from .data import DataError, load_examples
 from .doctor import ZERO_SHOT_ROWS, diagnose
 from .generate import DecodeConfig, Generator
-from .methods import METHODS, MethodError
+from .methods import DEFAULT_METHOD, METHODS, MethodError, method_class
 from .metrics import classification_report
 from .peft_interop import export_peft, import_peft
-from .prompt import InitError, SoftPrompt
+from .prompt import InitError
+from .run import INFO_FILE, ArtifactError, RunInfo, write_atomic
 from .task import GenerationSpec, TaskError, load_task
 from .tasks import ROLES, make_task, score_generations, write_predictions
 from .template import TemplateError, summarize_cuts
@@ -45,110 +47,99 @@ def _fail(err: Exception) -> None:
 
 
 def _backbone(run: Path, model: str | None) -> Backbone:
-    from .artifact import RunInfo
-
     spec = model or RunInfo.read(run).model
     with console.status(f"loading model {spec} ..."):
         return Backbone.load(spec)
+
+
+ModelOption = Annotated[Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")]
+# `softprompt train` flags that override the task file (names as in TaskSpec / TrainSettings)
+InitOption = Annotated[Optional[str], typer.Option(help='random | vocab | text:"..." | labels | demos | from:RUN')]
+StepsOption = Annotated[Optional[int], typer.Option(help="optimizer steps")]
+EpochsOption = Annotated[Optional[float], typer.Option(help="epochs, when --steps is not given")]
+LrOption = Annotated[Optional[float], typer.Option(help="peak learning rate")]
+AccumOption = Annotated[Optional[int], typer.Option(help="micro-batches per step")]
+OptimizerOption = Annotated[Optional[str], typer.Option(help="adamw | adafactor")]
+ScheduleOption = Annotated[Optional[str], typer.Option(help="linear | cosine | constant")]
+ShotsOption = Annotated[Optional[int], typer.Option(help="few-shot: K training rows per label")]
+EvalEveryOption = Annotated[Optional[int], typer.Option(help="validate every k steps")]
+EvalLimitOption = Annotated[Optional[int], typer.Option(help="validation rows at most (a seeded, label-stratified sample)")]
+ReportLimitOption = Annotated[Optional[int], typer.Option(help="score the final report on at most N dev rows (seeded sample)")]
+PatienceOption = Annotated[Optional[int], typer.Option(help="early-stopping patience, in validations")]
+MaxLengthOption = Annotated[
+    Optional[int], typer.Option(help="prompt tokens per row (soft + fixed text + input; inputs are cut to fit)")
+]
+BucketingOption = Annotated[
+    Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing", help="batch rows of similar length")
+]
+ResumeOption = Annotated[
+    bool, typer.Option(help="continue an interrupted run in --out (same task file and flags: anything else is refused)")
+]
+MethodOption = Annotated[str, typer.Option(help="what to train: " + ", ".join(METHODS) + " (see README, 'Methods')")]
+ZeroShotOption = Annotated[
+    bool, typer.Option("--zero-shot/--no-zero-shot", help="also score zero-shot prompting (validation and dev)")
+]
+ReportOption = Annotated[bool, typer.Option("--report/--no-report", help="score the dev rows at the end")]
+DevOption = Annotated[
+    Optional[Path], typer.Option(help="rows of the final report instead of the task's dev file (e.g. a test split)")
+]
+AutoOption = Annotated[
+    bool,
+    typer.Option(help="search the recipe (lr, init, label vectors, plain or residual, prompt length) on short "
+                 "runs, choose on the validation rows, then train the winner; --lr/--init/--method fix theirs"),
+]
+BudgetOption = Annotated[Optional[str], typer.Option(help="--auto: wall time for the trials and the final run together (default 20m)")]
 
 
 @app.command()
 def train(
     task: Annotated[Path, typer.Argument(help="task file (YAML)")],
     out: Annotated[Path, typer.Option(help="run folder to write")],
-    model: Annotated[
-        Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")
-    ] = None,
-    init: Annotated[
-        Optional[str], typer.Option(help='random | vocab | text:"..." | labels | demos | from:RUN')
-    ] = None,
-    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="epochs, when --steps is not given")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
+    model: ModelOption = None,
+    init: InitOption = None,
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="micro-batches per step")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw | adafactor")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="linear | cosine | constant")] = None,
-    shots: Annotated[Optional[int], typer.Option(help="few-shot: K training rows per label")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="validate every k steps")] = None,
-    eval_limit: Annotated[
-        Optional[int], typer.Option(help="validation rows at most (a seeded, label-stratified sample)")
-    ] = None,
-    report_limit: Annotated[
-        Optional[int], typer.Option(help="score the final report on at most N dev rows (seeded sample)")
-    ] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience, in validations")] = None,
+    grad_accum: AccumOption = None,
+    optimizer: OptimizerOption = None,
+    schedule: ScheduleOption = None,
+    shots: ShotsOption = None,
+    eval_every: EvalEveryOption = None,
+    eval_limit: EvalLimitOption = None,
+    report_limit: ReportLimitOption = None,
+    patience: PatienceOption = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    max_length: Annotated[
-        Optional[int], typer.Option(help="prompt tokens per row (soft + fixed text + input; inputs are cut to fit)")
-    ] = None,
-    length_bucketing: Annotated[
-        Optional[bool],
-        typer.Option("--length-bucketing/--no-length-bucketing", help="batch rows of similar length"),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(help="continue an interrupted run in --out (same task file and flags: anything else is refused)"),
-    ] = False,
-    method: Annotated[
-        str,
-        typer.Option(help="what to train: " + ", ".join(METHODS) + " (see README, 'Methods')"),
-    ] = "prompt",
-    zero_shot: Annotated[
-        bool, typer.Option("--zero-shot/--no-zero-shot", help="also score zero-shot prompting (validation and dev)")
-    ] = True,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="score the dev rows at the end")] = True,
-    dev: Annotated[
-        Optional[Path], typer.Option(help="rows of the final report instead of the task's dev file (e.g. a test split)")
-    ] = None,
-    auto: Annotated[
-        bool,
-        typer.Option(help="search the recipe (lr, init, label vectors, plain or residual, prompt length) on short "
-                     "runs, choose on the validation rows, then train the winner; --lr/--init/--method fix theirs"),
-    ] = False,
-    budget: Annotated[
-        Optional[str], typer.Option(help="--auto: wall time for the trials and the final run together (default 20m)")
-    ] = None,
+    max_length: MaxLengthOption = None,
+    length_bucketing: BucketingOption = None,
+    resume: ResumeOption = False,
+    method: MethodOption = DEFAULT_METHOD,
+    zero_shot: ZeroShotOption = True,
+    report: ReportOption = True,
+    dev: DevOption = None,
+    auto: AutoOption = False,
+    budget: BudgetOption = None,
 ) -> None:
     """Train a soft prompt (or another --method) on a frozen model: zero-shot first, then
     validation as it goes.
 
     Validation (which chooses the kept state and stops early) uses a seeded slice of the training
-    rows; the dev file is only scored at the end, with the kept state and with zero-shot prompting."""
+    rows; the dev file is only scored, with zero-shot prompting before training and the kept state after."""
     from .train import train as run_training
 
     overrides = dict(
-        model=model,
-        init=init,
-        steps=steps,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        optimizer=optimizer,
-        schedule=schedule,
-        shots=shots,
-        eval_every=eval_every,
-        eval_limit=eval_limit,
-        report_limit=report_limit,
-        patience=patience,
-        seed=seed,
-        max_length=max_length,
+        model=model, init=init, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        optimizer=optimizer, schedule=schedule, shots=shots, eval_every=eval_every, eval_limit=eval_limit,
+        report_limit=report_limit, patience=patience, seed=seed, max_length=max_length,
         length_bucketing=length_bucketing,
     )
     try:
-        spec = load_task(task, overrides)
-        if epochs is not None and steps is None:
-            spec.train.steps = None  # --epochs on the command line beats steps from the task file
-        if dev is not None:
-            spec.data.dev = str(dev.resolve())
-        if lr is None and method != "prompt" and method in METHODS:
-            # a task file's train.lr is a soft prompt's rate; other methods start from their own default
-            spec.train.lr = METHODS[method].lr or spec.train.lr
+        spec = _training_spec(task, overrides, method=method, dev=dev)
         if budget is not None and not auto:
             raise AutoError("--budget is the time of an --auto search: add --auto, or drop --budget")
         if auto:
-            _train_auto(spec, out, method, {"lr": lr, "init": init}, budget, resume, zero_shot, report)
+            fixed = {name for name in ("lr", "init") if overrides[name] is not None}
+            _train_auto(spec, out, method=method, fixed=fixed, budget=budget, resume=resume, zero_shot=zero_shot, report=report)
         else:
             run_training(spec, out, resume=resume, console=console, method=method, baselines=zero_shot, report=report)
     except USER_ERRORS as err:
@@ -157,17 +148,33 @@ def train(
         raise typer.Exit(130) from None
 
 
-def _train_auto(spec, out: Path, method: str, flags: dict, budget: str | None, resume: bool, zero_shot: bool, report: bool) -> None:
-    from .auto import SEARCHED_METHODS, run_auto
+def _training_spec(task: Path, overrides: dict, *, method: str, dev: Path | None):
+    """The task file with the command line's overrides, as training reads it."""
+    spec = load_task(task, overrides)
+    if overrides["epochs"] is not None and overrides["steps"] is None:
+        spec.train.steps = None  # --epochs on the command line beats steps from the task file
+    if dev is not None:
+        spec.data.dev = str(dev.resolve())
+    if overrides["lr"] is None and method in METHODS and not METHODS[method].task_lr:
+        # a task file's train.lr is a soft prompt's rate; other methods start from their own default
+        spec.train.lr = METHODS[method].lr or spec.train.lr
+    return spec
+
+
+def _train_auto(
+    spec, out: Path, *, method: str, fixed: set[str], budget: str | None, resume: bool, zero_shot: bool, report: bool
+) -> None:
+    from .auto import run_auto
     from .compare.grid import parse_budget
     from .train import find_checkpoint
 
     if resume:
         raise AutoError("--auto cannot resume (its trials are short runs): start it again with a new --out")
-    if method not in SEARCHED_METHODS:
-        raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(SEARCHED_METHODS)}), not {method!r}")
-    fixed = {name for name, value in flags.items() if value is not None} | ({"method"} if method != "prompt" else set())
-    if (out / "task.json").exists() or find_checkpoint(out):
+    searched = [name for name, m in METHODS.items() if m.searched_by_auto]
+    if method not in searched:
+        raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(searched)}), not {method!r}")
+    fixed = fixed | ({"method"} if method != DEFAULT_METHOD else set())
+    if (out / INFO_FILE).exists() or find_checkpoint(out):
         raise AutoError(f"{out} already holds a run: choose another --out")
     try:
         budget_s = parse_budget(budget)
@@ -220,14 +227,16 @@ def doctor(
 
 
 def _decode_options(
-    info,
+    info: RunInfo,
+    *,
     max_new_tokens: int | None,
     num_beams: int | None,
-    sample: bool,
-    temperature: float,
-    top_p: float,
-    stop: list[str] | None,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
 ) -> DecodeConfig:
+    """The command line's decoding settings, the run's own where a flag is not given."""
     saved = info.generation or {}
     return DecodeConfig(
         max_new_tokens=max_new_tokens or saved.get("max_new_tokens", 128),
@@ -283,7 +292,8 @@ def evaluate_cmd(
         _fail(err)
     if isinstance(task_model, Generator):
         return _eval_generation(
-            task_model, info, examples, run, data, out, batch_size, as_json, max_new_tokens, num_beams
+            task_model, info, examples, run=run, data=data, out=out, batch_size=batch_size, as_json=as_json,
+            config=_decode_options(info, max_new_tokens=max_new_tokens, num_beams=num_beams),
         )
     rows = task_model.encode([e.fields for e in examples], [str(e.label) for e in examples])
     _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
@@ -310,9 +320,9 @@ def evaluate_cmd(
 
 
 def _eval_generation(
-    generator, info, examples, run, data, out, batch_size, as_json, max_new_tokens, num_beams
+    generator: Generator, info: RunInfo, examples: list, *, run: Path, data: Path, out: Path | None,
+    batch_size: int, as_json: bool, config: DecodeConfig,
 ) -> None:
-    config = _decode_options(info, max_new_tokens, num_beams, False, 1.0, 1.0, None)
     rows = generator.encode([e.fields for e in examples])
     _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
     with _progress("decoding", len(examples)) as advance:
@@ -362,7 +372,10 @@ def predict(
     except USER_ERRORS as err:
         _fail(err)
     if isinstance(task_model, Generator):
-        config = _decode_options(info, max_new_tokens, num_beams, sample, temperature, top_p, stop)
+        config = _decode_options(
+            info, max_new_tokens=max_new_tokens, num_beams=num_beams, sample=sample, temperature=temperature,
+            top_p=top_p, stop=stop,
+        )
         encoded = task_model.encode(rows)
         _warn_cuts(encoded.encoded, sources, info.max_length)
         with _progress("decoding", len(rows)) as advance:
@@ -391,7 +404,7 @@ def predict(
     if out is None:
         sys.stdout.write(lines)
     else:
-        out.write_text(lines, encoding="utf-8")
+        write_atomic(out, lines)
         console.print(f"{len(results)} predictions written to {out}")
 
 
@@ -425,7 +438,7 @@ def inspect(
     except USER_ERRORS as err:
         _fail(err)
     prompt, backbone = task_model.lm.prompt, task_model.backbone
-    if not isinstance(prompt, SoftPrompt):
+    if not method_class(info.method).plain_prompt:
         _fail(ArtifactError(f"{run}: a {info.method!r} run holds no soft vectors to inspect"))
     vocab_norm = prompt.vocab_norm(backbone)
     table = Table(
@@ -456,7 +469,7 @@ def export(
     console.print(f"PEFT adapter written to {folder}")
     info = RunInfo.read(run)
     left = [what for what, present in (("learned label vectors", info.label_vectors),
-            ("calibration", "calibration" in info.method_settings)) if present]
+            ("calibration", is_calibrated(info))) if present]
     if left:
         console.print(f"[yellow]note: PEFT's prompt-tuning format holds the prompt only; the run's {' and '.join(left)} stay behind")
 
@@ -527,8 +540,6 @@ def serve(
     if len(set(names)) < len(names):
         _fail(ValueError(f"two runs share a task name ({', '.join(names)}): name them with NAME=PATH"))
     try:
-        from .artifact import RunInfo
-
         spec = model or RunInfo.read(named[0][1]).model
         with console.status(f"loading model {spec} ..."):
             backbone = Backbone.load(spec)

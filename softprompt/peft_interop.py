@@ -9,22 +9,21 @@ template is plain text the PEFT user formats their input with; we save it beside
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifact import INFO_FILE, ArtifactError, RunInfo, check_model
 from .backbone import Backbone, ModelNotFound, resolve
+from .methods import METHODS, method_class
 from .prompt import SoftPrompt
+from .run import INFO_FILE, ArtifactError, RunInfo, atomic_file, check_model, write_atomic
 from .task import TaskSpec
 from .template import Template
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "softprompt_task.json"
-PROMPT_METHODS = ("prompt", "residual", "p-tuning")  # runs saved as a plain soft prompt
 
 
 def _template(info: RunInfo) -> Template:
@@ -35,10 +34,11 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
     """Write a PEFT prompt-tuning adapter (config + `prompt_embeddings`) for a run."""
     info = RunInfo.read(run)
     check_model(info, backbone, run)
-    if info.method not in PROMPT_METHODS:
+    if not method_class(info.method).plain_prompt:
+        plain = ", ".join(name for name, m in METHODS.items() if m.plain_prompt)
         raise ArtifactError(
             f"{run}: a {info.method!r} run holds no soft prompt; export writes PEFT prompt-tuning adapters "
-            f"(runs of {', '.join(PROMPT_METHODS)})" + (": a lora run is already a PEFT adapter" if info.method == "lora" else "")
+            f"(runs of {plain})" + (f": a {info.method} run is already a PEFT adapter" if ADAPTER_WEIGHTS in method_class(info.method).files else "")
         )
     template = _template(info)
     soft = [i for i, s in enumerate(template.segments) if s.kind == "soft"]
@@ -54,7 +54,7 @@ def export_peft(run: str | Path, folder: str | Path, backbone: Backbone) -> Path
             "virtual tokens before it, so PEFT would not compute what this prompt was trained for"
         )
     write_adapter(folder, SoftPrompt.load(run), backbone, resolve(info.model).path)
-    shutil.copyfile(Path(run) / INFO_FILE, Path(folder) / SIDECAR)
+    write_atomic(Path(folder) / SIDECAR, (Path(run) / INFO_FILE).read_text(encoding="utf-8"))
     return Path(folder)
 
 
@@ -81,10 +81,9 @@ def write_adapter(folder: str | Path, prompt: SoftPrompt, backbone: Backbone, ba
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2))
-    save_file(
-        {"prompt_embeddings": prompt.vectors.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS)
-    )
+    with atomic_file(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file({"prompt_embeddings": prompt.vectors.detach().cpu().contiguous()}, str(tmp))
+    write_atomic(folder / ADAPTER_CONFIG, json.dumps(adapter, indent=2))
 
 
 def import_peft(

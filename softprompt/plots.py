@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .run import atomic_file  # noqa: E402
 from .task import CLASSIFICATION_METRICS, GENERATION_METRICS  # noqa: E402
 
 
@@ -45,7 +46,8 @@ def learning_curve(history: list[dict], metric: str, path: Path) -> Figure:
     if limits is not None:
         ax_metric.set_ylim(*limits)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return fig
 
@@ -66,5 +68,6 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path) -> 
                     j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black"
                 )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -6,13 +6,13 @@ is safe to load.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
+from .run import RunInfo, atomic_file
 
 PROMPT_FILE = "prompt.safetensors"
 # `vocab` init samples among the first ids of the vocabulary: in BPE vocabularies these are the
@@ -46,9 +46,8 @@ class SoftPrompt(torch.nn.Module):
     def save(self, folder: str | Path) -> Path:
         """Write prompt.safetensors atomically: a crash leaves the old file or the new, never half."""
         path = Path(folder) / PROMPT_FILE
-        tmp = path.with_name(f".{PROMPT_FILE}.tmp")
-        save_file(self.tensors(), str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(self.tensors(), str(tmp))
         return path
 
     @classmethod
@@ -158,8 +157,6 @@ def _demonstration_ids(backbone: Backbone, demonstrations: list[str], length: in
 
 
 def _from_run(run: str, length: int, backbone: Backbone) -> SoftPrompt:
-    from .artifact import RunInfo  # local import: artifact depends on this module
-
     info = RunInfo.read(run)
     if info.fingerprint != backbone.fingerprint:
         raise InitError(f"init from:{run}: that prompt was trained on another model ({info.model})")

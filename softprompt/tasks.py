@@ -25,6 +25,7 @@ from .data import DataError, Example, few_shot, held_out_size, hold_out, load_ex
 from .generate import DecodeConfig, Generator, GenRows
 from .metrics import classification_report, generation_scores
 from .prompt import SoftPrompt, init_prompt
+from .run import write_atomic
 from .task import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskError, TaskSpec
 from .template import CutSummary, Template, summarize_cuts
 from .verbalizer import Verbalizer
@@ -63,6 +64,7 @@ def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) ->
         return load_examples(spec.path(path), template.fields, spec.data.columns, column, labels, keep)
 
     train = read(spec.data.train)
+    read_rows = len(train)
     if spec.data.dev:
         dev = read(spec.data.dev)
     else:
@@ -78,7 +80,26 @@ def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) ->
         dev = hold_out(dev, spec.train.report_limit, seed, by_label, leave_one=False)[1]
     if spec.train.shots:
         train = few_shot(train, spec.train.shots, seed)
-    return Splits(train, validation, dev)
+    splits = Splits(train, validation, dev)
+    _refuse_empty(splits, spec, read_rows)
+    return splits
+
+
+def _refuse_empty(splits: Splits, spec: TaskSpec, read_rows: int) -> None:
+    """Too few rows to give every role one: say how many are needed rather than fail later."""
+    empty = [role for role in ROLES if not getattr(splits, role)]
+    if not empty:
+        return
+    message = f"{spec.path(spec.data.train)}: {read_rows} rows leave no {' and no '.join(empty)} rows."
+    taken = [f"data.{role}" for role, path in (("dev", spec.data.dev), ("validation", spec.data.validation)) if not path]
+    if taken:
+        unit = "rows per label" if spec.kind == "classification" else "rows"
+        message += (
+            f" With no {' or '.join(taken)} file those rows are taken out of the training file, and each label "
+            f"keeps at least one row for training: give at least {len(taken) + 1} {unit} (8 per label or more to "
+            f"learn anything measurable), or name the {' and '.join(taken)} file{'s' if len(taken) > 1 else ''}."
+        )
+    raise TaskError(message)
 
 
 def summarize(report: dict) -> dict:
@@ -151,6 +172,10 @@ class Task:
     def zero_shot(self, role: str, progress: Progress | None = None) -> dict:
         """The same template without its soft tokens (plain prompting) on the rows of `role`."""
         return summarize(self.score(self.model.with_prompt(None), role, progress))
+
+    def dev_zero_shot(self, run: Path, progress: Progress | None = None) -> dict:
+        """Zero-shot prompting on the report rows (training scores it before the first step)."""
+        return self.zero_shot("dev", progress)
 
     def target_cuts(self) -> int:
         """Training rows whose answer was cut (generation only)."""
@@ -225,13 +250,11 @@ class ClassificationTask(Task):
         probs = model.predict_proba(rows, self.spec.train.eval_batch_size, progress)
         return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
 
-    def final(self, run: Path, progress: Progress | None = None, zero_shot: bool = True) -> dict:
-        """The kept state (and zero-shot prompting) on the dev rows; the confusion-matrix figure."""
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept state on the dev rows; the confusion-matrix figure."""
         report = self.score(self.model, "dev", progress)
         plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
-        if not zero_shot:
-            return {"dev": report}
-        return {"dev": report, "dev_zero_shot": self.zero_shot("dev", progress)}
+        return {"dev": report}
 
     def describe(self) -> dict:
         return {"verbalizer": self.verbalizer.words, "label_column": self.spec.data.label}
@@ -267,15 +290,17 @@ class GenerationTask(Task):
         examples = getattr(self.splits, role)
         return score_generations(predictions, examples, self.spec.generation, self.spec.data.tests)
 
-    def final(self, run: Path, progress: Progress | None = None, zero_shot: bool = True) -> dict:
-        """The kept state (and zero-shot prompting) on the dev rows, each row's answers written."""
-        results = {}
-        variants = [("dev", self.model), ("dev_zero_shot", self.model.with_prompt(None))]
-        for name, model in variants[: 2 if zero_shot else 1]:
-            report = self.score(model, "dev", progress)
-            write_predictions(run / f"{name}_predictions.jsonl", report.pop("rows"))
-            results[name] = report if name == "dev" else summarize(report)
-        return results
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept state on the dev rows, each row's answers written."""
+        report = self.score(self.model, "dev", progress)
+        write_predictions(run / "dev_predictions.jsonl", report.pop("rows"))
+        return {"dev": report}
+
+    def dev_zero_shot(self, run: Path, progress: Progress | None = None) -> dict:
+        """Zero-shot prompting on the dev rows, each row's answers written."""
+        report = self.score(self.model.with_prompt(None), "dev", progress)
+        write_predictions(run / "dev_zero_shot_predictions.jsonl", report.pop("rows"))
+        return summarize(report)
 
     def target_cuts(self) -> int:
         """Training rows whose answer was cut to generation.max_target_length."""
@@ -315,7 +340,7 @@ def score_generations(
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def make_task(spec: TaskSpec, backbone: Backbone) -> Task:

@@ -29,12 +29,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from . import plots
-from .artifact import INFO_FILE, RunInfo, write_atomic
+from . import calibration, plots
 from .backbone import Backbone
 from .doctor import diagnose
-from .methods import Method, method_class
-from .methods.zero_shot import content_free_prior
+from .methods import DEFAULT_METHOD, Method, method_class
+from .run import INFO_FILE, RunInfo, atomic_file, write_atomic
 from .task import TaskError, TaskSpec, TrainSettings
 from .tasks import Task, make_task, summarize
 
@@ -112,7 +111,7 @@ def total_steps(settings: TrainSettings, n_train: int) -> int:
 
 
 # -- what decides a run's result --------------------------------------------------------------
-def run_identity(spec: TaskSpec, backbone: Backbone, method: str = "prompt") -> dict:
+def run_identity(spec: TaskSpec, backbone: Backbone, method: str = DEFAULT_METHOD) -> dict:
     """Everything that decides the result: the method, the model's weights, the task file's
     settings (the template with its constants inlined, verbalizer, init, data, decoding, training)
     and the bytes of every data file. A resumed run must match it exactly."""
@@ -177,6 +176,9 @@ class TrainState:
     examples: int = 0
     train_seconds: float = 0.0
     baseline: dict = field(default_factory=dict)  # validation at step 0: zero-shot and initial prompt
+    # zero-shot prompting on the report rows, scored before training: a method that changes the
+    # model's weights (lora, full) would otherwise be scored zero-shot on its tuned weights
+    dev_zero_shot: dict | None = None
     saved_parameters: int = 0  # parameters in the kept artifact, as its last save wrote it
 
 
@@ -203,14 +205,15 @@ def save_checkpoint(run: Path, checkpoint: Checkpoint) -> None:
     tmp = run / f".{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
+    with atomic_file(tmp / "state.safetensors") as path:
+        save_file(tensors, str(path))
     meta = {
         "state": asdict(checkpoint.state),
         "optimizer_scalars": scalars,
         "param_groups": checkpoint.optimizer.get("param_groups", []),
         "identity": checkpoint.identity,
     }
-    (tmp / "state.json").write_text(json.dumps(meta))
+    write_atomic(tmp / "state.json", json.dumps(meta))
     final, old = run / CHECKPOINT, run / f".{CHECKPOINT}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -295,7 +298,7 @@ def train(
     resume: bool = False,
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
-    method: str = "prompt",
+    method: str = DEFAULT_METHOD,
     baselines: bool = True,
     report: bool = True,
     stop_after: int | None = None,
@@ -316,10 +319,11 @@ def train(
             backbone = Backbone.load(spec.model)
         console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
     task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
+    identity = run_identity(task.spec, backbone, kind.name)  # the model as it is before the method changes it
     trainer = kind.build(task, backbone)
     if spec.label_vectors and not kind.learns_label_vectors():
         console.print(f"[yellow]note: label_vectors is ignored by method {method!r} (it trains no soft prompt)")
-    checkpoint, fresh = _starting_point(run, task, backbone, trainer, found, console)
+    checkpoint, fresh = _starting_point(run, trainer, identity, found, console)
     _warn_task(task, backbone, console, kind.trains)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
     if not fresh:  # the kept artifact as of the checkpoint, not a later step's
@@ -336,10 +340,13 @@ def train(
     try:
         with Progress(*COLUMNS, console=console) as progress:
             if fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
-                _baselines(task, checkpoint, log, progress, console, baselines and kind.trains)
+                zero_shot = baselines and kind.trains
+                _baselines(run, task, checkpoint, log, progress, console, zero_shot=zero_shot, dev=zero_shot and report)
                 _commit(run, checkpoint, trainer, optimizer, best_changed=True, save=True)
-            _loop(run, task, checkpoint, trainer, optimizer, steps, log, progress, on_step, stop_after)
-            info = _finish(run, task, checkpoint, trainer, settings, log, progress, backbone, report)
+            _loop(run, task, checkpoint, trainer, optimizer, steps=steps, log=log, progress=progress,
+                  on_step=on_step, stop_after=stop_after)
+            info = _finish(run, task, checkpoint, trainer, settings=settings, log=log, progress=progress,
+                           report=report)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
         raise
@@ -379,11 +386,10 @@ def _resumable(run: Path, resume: bool) -> Path | None:
 
 
 def _starting_point(
-    run: Path, task: Task, backbone: Backbone, trainer: Method, found: Path | None, console: Console
+    run: Path, trainer: Method, identity: dict, found: Path | None, console: Console
 ) -> tuple[Checkpoint, bool]:
     """The checkpoint to continue (refused when the task, method or model changed), or a fresh start
     from the method's initial state; True when fresh. Creates the run folder."""
-    identity = run_identity(task.spec, backbone, trainer.name)
     if found is not None:
         checkpoint = load_checkpoint(found)
         _refuse_changed_resume(run, checkpoint.identity, identity)
@@ -402,15 +408,20 @@ def _saved_step(run: Path) -> int:
 
 
 def _baselines(
-    task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console, zero_shot: bool
+    run: Path, task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console, *,
+    zero_shot: bool, dev: bool,
 ) -> None:
     """Zero-shot prompting (unless `zero_shot` is False) and the untrained method on the validation
-    rows (step 0)."""
+    rows (step 0); zero-shot prompting on the report rows too when `dev`, while the model is still
+    the base model (they choose nothing: their score is only reported at the end)."""
     n = len(task.rows["validation"])
     state = checkpoint.state
     if zero_shot:
         with _phase(progress, "zero-shot (validation rows)", n) as advance:
             state.baseline["zero_shot"] = task.zero_shot("validation", advance)
+    if dev:
+        with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance:
+            state.dev_zero_shot = task.dev_zero_shot(run, advance)
     with _phase(progress, "initial state (validation rows)", n) as advance:
         state.baseline["initial_prompt"] = task.validate(advance)
     for name, result in state.baseline.items():
@@ -425,6 +436,7 @@ def _loop(
     checkpoint: Checkpoint,
     trainer: Method,
     optimizer: torch.optim.Optimizer | None,
+    *,
     steps: int,
     log: Log,
     progress: Progress,
@@ -508,27 +520,24 @@ def _commit(
 
 
 def _calibrate(task: Task, state: TrainState, progress: Progress) -> tuple[dict, dict]:
-    """Contextual calibration of the kept state (classification): with `train.calibrate: auto`
-    kept only when it raises the validation metric. Returns the method settings it sets (the
-    prior) and the validation score it measured."""
+    """`train.calibrate` on the kept state (classification; calibration.choose decides). Returns
+    the method settings it sets (the prior) and the validation score it measured."""
     setting, metric = task.spec.train.calibrate, task.spec.train.metric
-    if setting == "off" or task.kind != "classification":
+    if task.kind != "classification":
         return {}, {}
-    prior = content_free_prior(task.model)
-    calibrated = task.model.calibrated(prior)
-    check = {}
-    if setting == "auto":
+
+    def score(calibrated) -> float:
         with _phase(progress, "calibration (validation rows)", len(task.rows["validation"])) as advance:
-            score = task.score(calibrated, "validation", advance)[metric]
-        check = {"calibrated": {metric: score}}
-        progress.console.print(
-            f"calibration: validation {metric} {score:.3f} calibrated, {state.best:.3f} as is: "
-            + ("kept" if score > state.best else "not kept")
-        )
-        if score <= state.best:
-            return {}, check
-    task.model = calibrated
-    return {"calibration": [round(float(p), 6) for p in prior]}, check
+            return task.score(calibrated, "validation", advance)[metric]
+
+    task.model, recorded, measured = calibration.choose(task.model, setting, state.best, score)
+    if measured is None:
+        return recorded, {}
+    progress.console.print(
+        f"calibration: validation {metric} {measured:.3f} calibrated, {state.best:.3f} as is: "
+        + ("kept" if recorded else "not kept")
+    )
+    return recorded, {"calibrated": {metric: measured}}
 
 
 def _describe(result: dict) -> str:
@@ -546,34 +555,33 @@ def _finish(
     task: Task,
     checkpoint: Checkpoint,
     trainer: Method,
+    *,
     settings: dict,
     log: Log,
     progress: Progress,
-    backbone: Backbone,
     report: bool,
 ) -> RunInfo:
-    """Score the kept state and zero-shot prompting on the report rows (unless `report` is False);
-    write task.json and figures."""
+    """Score the kept state on the report rows (unless `report` is False); write task.json and figures."""
     state, spec = checkpoint.state, task.spec
     trainer.load_state(checkpoint.best)
     task.use_method(trainer)
-    calibration, check = _calibrate(task, state, progress) if trainer.trains else ({}, {})
+    calibrated, check = _calibrate(task, state, progress) if trainer.trains else ({}, {})
     results: dict = {}
     scored = time.perf_counter()
     if report:
-        zero = "zero_shot" in state.baseline
-        rows = len(task.rows["dev"]) * (2 if zero else 1)
-        with _phase(progress, "scoring dev rows" + (" (kept state, then zero-shot)" if zero else ""), rows) as advance:
-            results = task.final(run, advance, zero_shot=zero)
+        with _phase(progress, "scoring dev rows (kept state)", len(task.rows["dev"])) as advance:
+            results = task.final(run, advance)
+        if state.dev_zero_shot is not None:
+            results["dev_zero_shot"] = state.dev_zero_shot
     eval_seconds = time.perf_counter() - scored
     info = RunInfo(
         kind=task.kind,
         method=trainer.name,
-        method_settings={**settings, **trainer.info(), **calibration},
+        method_settings={**settings, **trainer.info(), **calibrated},
         label_scores=spec.label_scores,
         label_vectors=trainer.label_rows is not None,
         model=spec.model,
-        fingerprint=backbone.fingerprint,
+        fingerprint=checkpoint.identity["model_fingerprint"],  # the model the run started from
         template=spec.template,
         columns=spec.data.columns,
         soft_tokens=task.template.soft_tokens,
@@ -591,7 +599,7 @@ def _finish(
         "train_seconds": round(state.train_seconds, 2),
         "train_examples": state.examples,
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
-        "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report and not state.baseline.get("zero_shot") else None,
+        "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report else None,
         "trainable_parameters": sum(p.numel() for p in trainer.trainable().values()),
         "saved_parameters": state.saved_parameters,  # the kept artifact is on disk since its step
         "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},

@@ -6,9 +6,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from softprompt.artifact import RunInfo
 from softprompt.auto import AutoError, Costs, plan_stages, run_auto
 from softprompt.cli import app
+from softprompt.run import RunInfo
 from softprompt.task import load_task
 
 from helpers import quiet, write_task

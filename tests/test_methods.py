@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.train as train_mod
-from softprompt.artifact import RunInfo, load_run
+from softprompt.artifact import load_run
 from softprompt.backbone import Backbone
 from softprompt.methods import METHODS, method_class
 from softprompt.methods.prefix import PREFIX_FILE
 from softprompt.prompt import SoftPrompt
+from softprompt.run import ArtifactError, RunInfo
 from softprompt.task import TaskError, load_task
+from softprompt.tasks import ClassificationTask
 from softprompt.train import CHECKPOINT, _task_for, train
 
 from helpers import quiet, train_stopped_and_resumed, write_task
@@ -224,3 +226,37 @@ def test_a_method_s_random_init_depends_on_the_task_seed_alone(name, tmp_path, t
         states.append(method_class(name).build(task, task.model.backbone).state())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_methods_that_change_the_weights_report_zero_shot_of_the_base_model(name, tmp_path, tiny_model_dir, monkeypatch):
+    seen = {}
+    original = ClassificationTask.zero_shot
+
+    def spy(self, role, progress=None):  # the probabilities the dev zero-shot report is made of
+        if role == "dev":
+            model = self.model.with_prompt(None)
+            seen["probs"] = model.predict_proba(self._rows_for(model, "dev"))
+        return original(self, role, progress)
+
+    monkeypatch.setattr(ClassificationTask, "zero_shot", spy)
+    backbone = Backbone.load(str(tiny_model_dir))
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=4, extra=f", lr: {METHODS[name].lrs[-1] * 10}"))
+    info = train(spec, tmp_path / "run", backbone=backbone, console=quiet(), method=name)
+    base, _ = _task_for(spec, method_class(name), Backbone.load(str(tiny_model_dir)))
+    plain = base.model.with_prompt(None)
+    assert torch.allclose(seen["probs"], plain.predict_proba(base._rows_for(plain, "dev")), atol=1e-6)
+    assert info.metrics["dev_zero_shot"] == base.zero_shot("dev")
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_a_backbone_whose_weights_a_method_changed_refuses_runs_of_the_base_model(name, tmp_path, tiny_model_dir):
+    backbone = Backbone.load(str(tiny_model_dir))
+    base = backbone.fingerprint
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2))
+    train(spec, tmp_path / "prompt", backbone=backbone, console=quiet(), baselines=False)
+    info = train(spec, tmp_path / name, backbone=backbone, console=quiet(), method=name, baselines=False)
+    assert info.fingerprint == base != backbone.fingerprint  # the run names the model it started from
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_run(tmp_path / "prompt", backbone)  # scored on tuned weights it would answer wrongly
+    load_run(tmp_path / name, Backbone.load(str(tiny_model_dir)))  # and on a fresh base it loads

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from serving import running_server
 
-from softprompt.artifact import RunInfo
+from softprompt.run import RunInfo
 from softprompt.serve.app import Limits
 from softprompt.serve.bank import TaskBank
 

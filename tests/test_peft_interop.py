@@ -6,10 +6,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from softprompt.artifact import ArtifactError, RunInfo, load_classifier
+from softprompt.artifact import load_classifier
 from softprompt.cli import app
 from softprompt.peft_interop import SIDECAR, export_peft, import_peft
 from softprompt.prompt import SoftPrompt
+from softprompt.run import ArtifactError, RunInfo
 from softprompt.task import load_task
 from softprompt.train import train
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.artifact import RunInfo, load_run
+from softprompt.artifact import load_run
 from softprompt.backbone import Backbone
 from softprompt.classify import Classifier
 from softprompt.methods import method_class
 from softprompt.prompt import init_prompt
+from softprompt.run import RunInfo
 from softprompt.task import TaskError, load_task
 from softprompt.template import Template
 from softprompt.train import _task_for, train
@@ -136,7 +137,7 @@ def biased_prior(task_model):
 
 @pytest.mark.parametrize("setting", ["auto", "on", "off"])
 def test_calibration_of_a_trained_prompt_is_kept_only_when_asked_or_when_it_helps(setting, tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
-    monkeypatch.setattr("softprompt.train.content_free_prior", biased_prior)
+    monkeypatch.setattr("softprompt.calibration.content_free_prior", biased_prior)
     spec = task_file(tmp_path, tiny_model_dir, steps=4, extra=f", calibrate: {setting}")
     info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
     validation = info.metrics["validation"]
@@ -158,7 +159,7 @@ def test_auto_calibration_is_kept_when_it_raises_the_validation_score(tmp_path, 
         task, _ = _task_for(spec, method_class("prompt"), tiny_backbone)
         return model.predict_proba(task.rows["validation"]).mean(0)
 
-    monkeypatch.setattr("softprompt.train.content_free_prior", validation_prior)
+    monkeypatch.setattr("softprompt.calibration.content_free_prior", validation_prior)
     info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
     validation = info.metrics["validation"]
     assert validation["calibrated"]["accuracy"] > validation["kept"]["accuracy"]

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from softprompt.artifact import RunInfo
 from softprompt.prompt import SoftPrompt
+from softprompt.run import RunInfo
 from softprompt.task import TaskError, load_task
 from softprompt.tasks import ClassificationTask
 from softprompt.train import CHECKPOINT, train

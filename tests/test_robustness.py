@@ -112,6 +112,21 @@ def test_train_on_latin1_data_is_one_clear_line_and_writes_no_run(tmp_path, tiny
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("files", ["train only", "train and dev"])
+def test_too_few_rows_per_label_is_one_line_saying_how_many_are_needed(tmp_path, tiny_model_dir, files):
+    task = write_task(tmp_path, tiny_model_dir, steps=2)
+    rows = [{"text": "a great film", "label": "positive"}, {"text": "a dull mess", "label": "negative"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if files == "train only":
+        task.write_text(task.read_text().replace("dev: dev.jsonl", "label: label"))
+    result = runner.invoke(app, ["train", str(task), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    need = "3 rows per label" if files == "train only" else "2 rows per label"
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'train.jsonl'}: 2 rows leave no ") and need in last, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 # -- models that cannot be had -----------------------------------------------------------------
 def _closed_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as server:

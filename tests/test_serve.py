@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 from serving import running_server
 
-from softprompt.artifact import RunInfo
+from softprompt.run import RunInfo
 from softprompt.serve.app import Limits
 from softprompt.serve.bank import TaskBank
 from softprompt.serve.scheduler import Scheduler

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from softprompt.artifact import ArtifactError, load_classifier
+from softprompt.artifact import load_classifier
 from softprompt.backbone import Backbone
 from softprompt.classify import Classifier
+from softprompt.run import ArtifactError
 from softprompt.task import TaskError, load_task
 from softprompt.tasks import ClassificationTask
 from softprompt.template import Template
@@ -112,7 +113,9 @@ def test_zero_shot_report_is_the_template_without_soft_tokens_on_the_dev_rows(
     monkeypatch.setattr(Classifier, "predict_proba", spy)
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2))
     info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
-    kept, zero = scored[-2:]  # the final report: kept prompt, then zero-shot, on the 10 dev rows
+    dev = [s for s in scored if s[3] == 10]  # the 10 dev rows: zero-shot before training, the kept prompt after
+    assert len(dev) == 2 and scored.index(dev[0]) < 3 and scored[-1] is dev[1], scored
+    zero, kept = dev
     assert kept[1:] == (4, True, 10) and zero[1:] == (0, False, 10)
     assert [seg for seg in kept[0] if seg.kind != "soft"][1:] == zero[0][1:]  # same text, fields, slot
     plain = Classifier(

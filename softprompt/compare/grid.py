@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,14 +24,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..methods import METHODS
+from ..methods import DEFAULT_METHOD, METHODS
+from ..run import write_atomic
 from ..train import METRICS_FILE
 
-ARTIFACT_FILES = ("prompt.safetensors", "prefix.safetensors", "labels.safetensors", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
-# Before a method has a cell of its own, its time is guessed from prompt tuning's, scaled by these
-# factors (search cells on SST-2, 100 steps, default model, 2 CPU cores: README, "Methods"); only to
-# warn and to keep within the budget.
-TIME_FACTOR = {"lora": 0.95, "full": 1.8, "p-tuning": 0.95, "residual": 0.9, "prefix": 0.85}
 LONG_CELL_S = 600  # cells expected to take longer than this are announced with their estimate
 
 
@@ -93,10 +90,10 @@ class Runner:
 
     def estimate(self, cell: Cell) -> float | None:
         """Seconds the cell will take: the mean of finished cells of its method (and stage), else
-        prompt tuning's scaled by the method's factor."""
+        prompt tuning's scaled by the method's `time_factor` (only to warn and keep to the budget)."""
         done = [json.loads(p.read_text()) for p in self.folder.glob("*.json")]
         done = [d for d in done if d.get("status") == "done"]
-        for method, factor in ((cell.method, 1.0), ("prompt", TIME_FACTOR.get(cell.method, 1.0))):
+        for method, factor in ((cell.method, 1.0), (DEFAULT_METHOD, METHODS[cell.method].time_factor)):
             times = [d["wall_seconds"] for d in done if d["method"] == method and d["stage"] == cell.stage]
             if times:
                 return factor * sum(times) / len(times)
@@ -116,14 +113,12 @@ class Runner:
         if estimate and estimate > LONG_CELL_S:
             self.console.print(f"[yellow]warning:[/] {cell.method} trains {_what(cell.method)}: this cell will take about {estimate / 60:.0f} minutes")
         record = self._execute(cell)
-        (self.folder / f"{cell.id}.json").write_text(json.dumps(record, indent=1))
+        write_atomic(self.folder / f"{cell.id}.json", json.dumps(record, indent=1))
         return record
 
     def _execute(self, cell: Cell) -> dict:
         run = self.folder / cell.id
         if run.exists():  # an interrupted cell starts again from scratch (its own run resumes nothing)
-            import shutil
-
             shutil.rmtree(run)
         command = self._command(cell, run)
         started = time.perf_counter()
@@ -181,7 +176,7 @@ def _from_run(cell: Cell, run: Path, wall: float, peak_mb: float) -> dict:
         "test": test,
         "trainable_params": metrics["trainable_parameters"],
         "saved_params": metrics["saved_parameters"],
-        "artifact_bytes": sum((run / f).stat().st_size for f in ARTIFACT_FILES if (run / f).is_file()),
+        "artifact_bytes": sum((run / f).stat().st_size for f in METHODS[cell.method].artifact_files() if (run / f).is_file()),
         "train_seconds": metrics["train_seconds"],
         "train_examples_per_s": metrics["train_examples_per_s"] if metrics["steps"] else None,
         "eval_examples_per_s": metrics.get("eval_examples_per_s"),
@@ -236,7 +231,7 @@ def final_cells(plan: Plan, chosen: dict[str, float | None]) -> list[Cell]:
         for shots in plan.shots:
             for method in plan.methods:
                 kind = METHODS[method]
-                if not kind.trains and method != "few-shot" and (seed, shots) != (plan.seeds[0], plan.shots[0]):
+                if not kind.uses_training_rows and (seed, shots) != (plan.seeds[0], plan.shots[0]):
                     continue
                 lr = (chosen.get(method) or kind.lr) if kind.trains else None  # not searched: the default
                 cells.append(Cell("final", method, shots, seed, lr))
@@ -300,7 +295,7 @@ def _shared_baselines(records: list[dict], plan: Plan) -> list[dict]:
     stands for every training-set size."""
     out = []
     for record in records:
-        if record["stage"] == "final" and record["method"] in ("zero-shot", "calibrated"):
+        if record["stage"] == "final" and not METHODS[record["method"]].uses_training_rows:
             for shots in plan.shots[1:]:
                 out.append({**record, "shots": shots, "note": "one run: depends on neither training rows nor seed"})
     return out

@@ -31,6 +31,7 @@ from rich.table import Table as RichTable  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from ..plots import metric_axis_limits  # noqa: E402
+from ..run import atomic_file, write_atomic  # noqa: E402
 from ..task import CLASSIFICATION_METRICS  # noqa: E402
 
 FRACTION_METRICS = CLASSIFICATION_METRICS  # stored as 0..1, shown as percentages
@@ -421,7 +422,8 @@ def _representatives(cells: list[dict], meta: dict, keep: Callable[[dict], bool]
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -554,10 +556,10 @@ def write_report(out: Path, cells: list[dict], meta: dict) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(cells, meta)
     report = {"meta": meta, "summary": rows, "cells": cells}
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_atomic(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
     blocks = _blocks(cells, meta, rows, _figures(out, cells, meta, rows))
-    (out / "report.md").write_text(_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(_html(blocks), encoding="utf-8")
+    write_atomic(out / "report.md", _markdown(blocks))
+    write_atomic(out / "report.html", _html(blocks))
     return rows
 
 

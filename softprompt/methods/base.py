@@ -10,18 +10,19 @@ early stopping see only this interface: `trainable()`, `state()`/`load_state()`,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
+from ..run import ArtifactError, atomic_file
 from ..template import Template
 
 if TYPE_CHECKING:
-    from ..artifact import RunInfo
+    from ..run import RunInfo
     from ..tasks import Task
 
 
@@ -33,14 +34,35 @@ class MethodError(ValueError):
 
 
 class Method(torch.nn.Module):
+    """What every method states about itself, so that the loop, compare, auto, export, serve and
+    the CLI ask the method instead of testing its name."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
     trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot, calibrated, few-shot)
     changes_base: ClassVar[bool] = False  # True: the model's own weights change (one copy per task)
     soft_tokens: ClassVar[bool] = True  # False: the template's soft tokens are dropped
     classification_only: ClassVar[bool] = False
+    files: ClassVar[tuple[str, ...]] = ()  # what it writes into the run folder (labels.safetensors aside)
+    plain_prompt: ClassVar[bool] = False  # its runs hold a plain soft prompt: inspect and PEFT export take them
+    uses_training_rows: ClassVar[bool] = True  # False: its result depends on neither training rows nor seed
+    task_lr: ClassVar[bool] = False  # True: a task file's train.lr is its rate (else its own `lr`)
+    searched_by_auto: ClassVar[bool] = False  # `train --auto` may choose it
     lr: ClassVar[float] = 0.0  # the default learning rate (what the search found best; README)
     lrs: ClassVar[tuple[float, ...]] = ()  # the learning-rate search grid of `softprompt compare`
+    # its training time relative to prompt tuning's (search cells on SST-2, 100 steps, default
+    # model, 2 CPU cores: README, "Methods"); compare's guess before the method has a cell of its own
+    time_factor: ClassVar[float] = 1.0
+
+    @classmethod
+    def artifact_files(cls) -> tuple[str, ...]:
+        """Every file a run of this method may hold besides task.json: its own, and learned label vectors."""
+        return (*cls.files, LABELS_FILE) if cls.learns_label_vectors() else cls.files
+
+    @classmethod
+    def servable(cls) -> bool:
+        """A server shares one frozen model between tasks: only methods that leave it unchanged."""
+        return not cls.changes_base
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -119,9 +141,8 @@ class Method(torch.nn.Module):
         saved = self.save(run)
         if self.label_rows is None:
             return saved
-        tmp = run / f".{LABELS_FILE}.tmp"
-        save_file({"label_rows": self.label_rows.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, run / LABELS_FILE)
+        with atomic_file(run / LABELS_FILE) as tmp:
+            save_file({"label_rows": self.label_rows.detach().cpu().contiguous()}, str(tmp))
         return saved + self.label_rows.numel()
 
     def save(self, run: Path) -> int:
@@ -137,6 +158,22 @@ class Method(torch.nn.Module):
         """What a run folder of this method puts into the model: the prompt for `PromptedLM`
         (or None); methods that change the base model change `backbone` here."""
         return None
+
+
+def load_label_rows(run: str | Path, choices: int, backbone: Backbone) -> torch.Tensor:
+    """A run's learned label vectors, refused unless a finite [choices, hidden_size] matrix."""
+    path = Path(run) / LABELS_FILE
+    try:
+        rows = load_file(str(path))["label_rows"]
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: file not found (task.json says the run has learned label vectors)") from err
+    except (SafetensorError, KeyError, OSError) as err:
+        raise ArtifactError(f"{path}: not a label-vector file ({err})") from err
+    if tuple(rows.shape) != (choices, backbone.hidden_size) or not torch.isfinite(rows).all():
+        raise ArtifactError(
+            f"{path}: expected finite label vectors of shape [{choices}, {backbone.hidden_size}], got {list(rows.shape)}"
+        )
+    return rows.float().to(backbone.device)
 
 
 def parameters_of(tensors: dict[str, torch.Tensor]) -> int:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..backbone import Backbone
+from ..run import ArtifactError, atomic_file
 from .base import Method
 
 WEIGHTS = "model.safetensors"
@@ -22,25 +23,28 @@ class FullFineTuning(Method):
     summary = "all weights of the model"
     changes_base = True
     soft_tokens = False
+    files = (WEIGHTS,)
+    time_factor = 1.8
     lr = 3e-5
     lrs = (1e-5, 3e-5, 1e-4)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)
         backbone.model.requires_grad_(True)
+        backbone.mark_changed("full fine-tuning (training)")
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.backbone.model.named_parameters())
 
     def save(self, run: Path) -> int:
-        save_model(self.backbone.model, str(Path(run) / WEIGHTS), metadata={"format": "pt"})
+        with atomic_file(Path(run) / WEIGHTS) as tmp:
+            save_model(self.backbone.model, str(tmp), metadata={"format": "pt"})
         return sum(p.numel() for p in self.backbone.model.parameters())
 
     @classmethod
     def load(cls, run: Path, info, backbone: Backbone):
-        from ..artifact import ArtifactError
-
         path = Path(run) / WEIGHTS
+        backbone.mark_changed(f"full {path}")  # even a load that fails half-way has changed weights
         try:
             missing, unexpected = load_model(backbone.model, str(path), strict=False)
         except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:

@@ -8,6 +8,7 @@ eval mode, as for every method here).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
+from ..run import ArtifactError, atomic_file
 from .base import Method
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
 
 
@@ -30,12 +33,15 @@ class LoRA(Method):
     summary = f"rank-{RANK} updates of the attention {'/'.join(TARGETS)} projections (PEFT)"
     changes_base = True
     soft_tokens = False
+    files = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+    time_factor = 0.95
     lr = 1e-3
     lrs = (3e-4, 1e-3, 3e-3)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)
         _inject(backbone)
+        backbone.mark_changed("lora (training)")
         for name, p in backbone.model.named_parameters():
             p.requires_grad_("lora_" in name)
 
@@ -44,22 +50,24 @@ class LoRA(Method):
 
     def save(self, run: Path) -> int:
         tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.backbone.model).items()}
-        save_file(tensors, str(Path(run) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with atomic_file(Path(run) / ADAPTER_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         config = lora_config()
         config.base_model_name_or_path = self.backbone.spec
-        config.save_pretrained(str(run))
+        with tempfile.TemporaryDirectory(dir=run) as folder, atomic_file(Path(run) / ADAPTER_CONFIG) as tmp:
+            config.save_pretrained(folder)  # PEFT's own writer, then moved in whole
+            tmp.write_bytes((Path(folder) / ADAPTER_CONFIG).read_bytes())
         return sum(t.numel() for t in tensors.values())
 
     @classmethod
     def load(cls, run: Path, info, backbone: Backbone):
-        from ..artifact import ArtifactError
-
         path = Path(run) / ADAPTER_WEIGHTS
         try:
             tensors = load_file(str(path))
         except (FileNotFoundError, OSError, ValueError) as err:
             raise ArtifactError(f"{path}: not a LoRA adapter file: {err}") from err
         _inject(backbone)
+        backbone.mark_changed(f"lora {path}")
         result = set_peft_model_state_dict(backbone.model, tensors)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing:

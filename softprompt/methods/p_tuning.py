@@ -16,6 +16,9 @@ from .prompt_tuning import PromptTuning
 class PTuning(PromptTuning):
     name = "p-tuning"
     summary = "soft prompt produced by an MLP encoder, folded when saved"
+    task_lr = False
+    searched_by_auto = False
+    time_factor = 0.95
     lr = 1e-3
     lrs = (3e-4, 1e-3, 3e-3)
 

@@ -9,7 +9,6 @@ trained directly, with no reparameterisation. Saved as prefix.safetensors (`keys
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone, KeyValues
 from ..prompted import PromptedLM
+from ..run import ArtifactError, atomic_file
 from ..template import soft_id
 from .base import Method, soft_span
 
@@ -49,6 +49,8 @@ class PrefixKV(torch.nn.Module):
 class PrefixTuning(Method):
     name = "prefix"
     summary = "keys and values at every layer, the start of the prefix cache"
+    files = (PREFIX_FILE,)
+    time_factor = 0.85
     lr = 0.01
     lrs = (0.003, 0.01, 0.03)
 
@@ -72,17 +74,13 @@ class PrefixTuning(Method):
         return self.kv
 
     def save(self, run: Path) -> int:
-        path = Path(run) / PREFIX_FILE
-        tmp = path.with_name(f".{PREFIX_FILE}.tmp")
         tensors = self.kv.tensors()
-        save_file(tensors, str(tmp), metadata={"first": str(self.kv.first)})
-        os.replace(tmp, path)
+        with atomic_file(Path(run) / PREFIX_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"first": str(self.kv.first)})
         return sum(t.numel() for t in tensors.values())
 
     @classmethod
     def load(cls, run: Path, info, backbone: Backbone) -> PrefixKV:
-        from ..artifact import ArtifactError
-
         path = Path(run) / PREFIX_FILE
         try:
             tensors = load_file(str(path))

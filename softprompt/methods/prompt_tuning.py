@@ -5,15 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..backbone import Backbone
-from ..prompt import SoftPrompt
+from ..prompt import PROMPT_FILE, SoftPrompt
+from ..run import ArtifactError, RunInfo
 from .base import Method
 
 
 class PromptTuning(Method):
     name = "prompt"
     summary = "soft prompt: N vectors spliced into the input"
+    files = (PROMPT_FILE,)
+    plain_prompt = True
+    task_lr = True
+    searched_by_auto = True
     lr = 0.03
     lrs = (0.03, 0.1, 0.3)
 
@@ -55,7 +61,26 @@ class PromptTuning(Method):
         return folded.vectors.numel()
 
     @classmethod
-    def load(cls, run: Path, info, backbone: Backbone):
-        from ..artifact import load_prompt  # local import: artifact loads runs through the methods
-
+    def load(cls, run: Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:
         return load_prompt(run, info, backbone)
+
+
+def load_prompt(run: str | Path, info: RunInfo, backbone: Backbone) -> SoftPrompt:
+    """The run's prompt, refused unless it is a finite [soft_tokens, hidden_size] matrix: a
+    downloaded or damaged file must fail here, with its name, not as a shape error mid-request."""
+    path = Path(run) / PROMPT_FILE
+    try:
+        prompt = SoftPrompt.load(run)
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: file not found") from err
+    except (KeyError, OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ArtifactError(f"{path}: not a softprompt prompt file (a safetensors file with a tensor 'prompt'): {err}") from err
+    expected = (info.soft_tokens, backbone.hidden_size)
+    if tuple(prompt.vectors.shape) != expected:
+        raise ArtifactError(
+            f"{path}: the prompt is {list(prompt.vectors.shape)}, but this run needs {list(expected)} "
+            f"({info.soft_tokens} soft tokens of the model's {backbone.hidden_size} dimensions)"
+        )
+    if not torch.isfinite(prompt.vectors).all():
+        raise ArtifactError(f"{path}: the prompt holds non-finite values (NaN or infinity)")
+    return prompt.to(backbone.device)

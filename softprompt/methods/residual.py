@@ -21,6 +21,8 @@ BOTTLENECK = 128
 class Residual(PromptTuning):
     name = "residual"
     summary = "soft prompt + shared MLP with a skip connection, folded when saved"
+    task_lr = False
+    time_factor = 0.9
     lr = 0.01
     lrs = (0.003, 0.01, 0.03)  # the MLP's weights want smaller steps than bare vectors
 

@@ -1,18 +1,16 @@
 """`zero-shot` and `calibrated`: the template without soft tokens, nothing trained.
 
-`calibrated` is contextual calibration (Zhao et al. 2021): the model's bias towards each label is
-measured on content-free inputs ("N/A", "", "[MASK]") put through the same template, and divided
-out of every prediction. The prior is stored in task.json, so eval, predict and serve apply it.
+`calibrated` is zero-shot with contextual calibration (calibration.py): the label prior measured
+on content-free inputs is divided out of every prediction, and kept in task.json.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import calibration
 from ..backbone import Backbone
 from .base import Method
-
-CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 class ZeroShot(Method):
@@ -20,6 +18,7 @@ class ZeroShot(Method):
     summary = "the template without soft tokens, nothing trained"
     trains = False
     soft_tokens = False
+    uses_training_rows = False
 
 
 class Calibrated(ZeroShot):
@@ -33,17 +32,11 @@ class Calibrated(ZeroShot):
 
     @classmethod
     def create(cls, task, backbone: Backbone) -> Method:
-        return cls(backbone, content_free_prior(task.model))
+        return cls(backbone, calibration.content_free_prior(task.model))
 
     def apply(self, model):
         return model.with_prompt(None).calibrated(self.prior)
 
     def info(self) -> dict:
-        return {"calibration": [round(float(p), 6) for p in self.prior]}
+        return calibration.settings(self.prior)
 
-
-def content_free_prior(classifier) -> torch.Tensor:
-    """[L] mean label probabilities over the content-free inputs (every field set to each)."""
-    rows = [{name: text for name in classifier.template.fields} for text in CONTENT_FREE]
-    probs = classifier.predict_proba(classifier.encode(rows))
-    return probs.mean(0)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import ArtifactError, RunInfo, load_run
+from ..artifact import load_run
+from ..run import ArtifactError, RunInfo
 from ..backbone import Backbone
 from ..classify import Classifier, LabelRow, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, GenRow

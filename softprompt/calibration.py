@@ -1,0 +1,61 @@
+"""Contextual calibration (Zhao et al. 2021), in one place: the model's bias towards each label is
+measured on content-free inputs ("N/A", "", "[MASK]") put through the same template, and divided
+out of every prediction (`Classifier.calibrated`, inside `label_scores`, so eval, predict and serve
+all apply it). The prior is kept in task.json's `method_settings.calibration`.
+
+Two users: the `calibrated` method (zero-shot with the prior, methods/zero_shot.py), and training's
+`train.calibrate` setting, which calibrates the kept state (`auto`: only when that raises the
+validation metric, as measured by `choose`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .classify import Classifier
+    from .run import RunInfo
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+SETTING = "calibration"  # the key of the prior in task.json's method_settings
+
+
+def content_free_prior(classifier: Classifier) -> torch.Tensor:
+    """[L] mean label probabilities over the content-free inputs (every field set to each)."""
+    rows = [{name: text for name in classifier.template.fields} for text in CONTENT_FREE]
+    probs = classifier.predict_proba(classifier.encode(rows))
+    return probs.mean(0)
+
+
+def settings(prior: torch.Tensor) -> dict:
+    """What a calibrated run records in task.json's method_settings."""
+    return {SETTING: [round(float(p), 6) for p in prior]}
+
+
+def prior_of(info: RunInfo) -> torch.Tensor | None:
+    """The prior a run was calibrated with, or None."""
+    prior = info.method_settings.get(SETTING)
+    return torch.tensor(prior) if prior is not None else None
+
+
+def is_calibrated(info: RunInfo) -> bool:
+    return SETTING in info.method_settings
+
+
+def choose(
+    classifier: Classifier, setting: str, kept_score: float, score: Callable[[Classifier], float]
+) -> tuple[Classifier, dict, float | None]:
+    """`train.calibrate` applied to the kept state: "on" calibrates, "auto" only when the
+    calibrated classifier's validation score (`score`) beats `kept_score`. Returns the classifier
+    to use, the method settings to record, and the calibrated score where it was measured."""
+    if setting == "off":
+        return classifier, {}, None
+    prior = content_free_prior(classifier)
+    calibrated = classifier.calibrated(prior)
+    measured = score(calibrated) if setting == "auto" else None
+    if measured is not None and measured <= kept_score:
+        return classifier, {}, measured
+    return calibrated, settings(prior), measured
