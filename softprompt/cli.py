@@ -371,41 +371,39 @@ def predict(
             rows, sources = [e.fields for e in examples], [e.source for e in examples]
     except USER_ERRORS as err:
         _fail(err)
+    encoded = task_model.encode(rows)
+    _warn_cuts(encoded.encoded, sources, info.max_length)
     if isinstance(task_model, Generator):
         config = _decode_options(
             info, max_new_tokens=max_new_tokens, num_beams=num_beams, sample=sample, temperature=temperature,
             top_p=top_p, stop=stop,
         )
-        encoded = task_model.encode(rows)
-        _warn_cuts(encoded.encoded, sources, info.max_length)
         with _progress("decoding", len(rows)) as advance:
-            answers = task_model.generate(encoded, config, batch_size, advance)
-        results = [{"prediction": a} for a in answers]
-        if text is not None and out is None:
-            Console().print(answers[0], highlight=False, markup=False)
-            return
+            results = [{"prediction": a} for a in task_model.generate(encoded, config, batch_size, advance)]
     else:
-        encoded = task_model.encode(rows)
-        _warn_cuts(encoded.encoded, sources, info.max_length)
         with _progress("scoring", len(rows)) as advance:
             probs = task_model.predict_proba(encoded, batch_size, advance)
         labels = task_model.labels
-        results = [
-            {"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))}
-            for p in probs
-        ]
-        if text is not None and out is None:
-            table = Table("label", "probability", title=f"prediction: [bold]{results[0]['label']}")
-            for label, p in sorted(results[0]["probabilities"].items(), key=lambda kv: -kv[1]):
-                table.add_row(label, f"{p:.3f}")
-            Console().print(table)
-            return
+        results = [{"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, map(float, p)))} for p in probs]
+    if text is not None and out is None:
+        return _show_one(results[0])
     lines = "".join(json.dumps({**row, **r}, ensure_ascii=False) + "\n" for row, r in zip(rows, results))
     if out is None:
         sys.stdout.write(lines)
     else:
         write_atomic(out, lines)
         console.print(f"{len(results)} predictions written to {out}")
+
+
+def _show_one(result: dict) -> None:
+    """One text's answer on the terminal: the generation, or the labels by probability."""
+    if "prediction" in result:
+        Console().print(result["prediction"], highlight=False, markup=False)
+        return
+    table = Table("label", "probability", title=f"prediction: [bold]{result['label']}")
+    for label, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]):
+        table.add_row(label, f"{p:.3f}")
+    Console().print(table)
 
 
 def _warn_cuts(encoded, sources: list[str], max_length: int) -> None:

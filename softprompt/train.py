@@ -295,6 +295,7 @@ def train(
     spec: TaskSpec,
     out: str | Path,
     backbone: Backbone | None = None,
+    *,
     resume: bool = False,
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -314,10 +315,7 @@ def train(
     run = Path(out)
     kind = method_class(method)
     found = _resumable(run, resume)
-    if backbone is None:
-        with console.status(f"loading model {spec.model} ..."):
-            backbone = Backbone.load(spec.model)
-        console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+    backbone = backbone or _load_backbone(spec, console)
     task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
     identity = run_identity(task.spec, backbone, kind.name)  # the model as it is before the method changes it
     trainer = kind.build(task, backbone)
@@ -331,10 +329,7 @@ def train(
         checkpoint.state.saved_parameters = trainer.write(run)
     trainer.load_state(checkpoint.params)
     task.use_method(trainer)
-    groups = trainer.param_groups(task.spec.train.lr, task.spec.train.label_lr)
-    optimizer = make_optimizer(groups, task.spec.train) if kind.trains else None
-    if optimizer is not None and not fresh:
-        optimizer.load_state_dict(checkpoint.optimizer)
+    optimizer = _optimizer_for(trainer, task.spec.train, None if fresh else checkpoint.optimizer)
     steps = total_steps(task.spec.train, len(task.rows["train"])) if kind.trains else 0
     log = Log(run, None if fresh else checkpoint.state.step)
     try:
@@ -350,14 +345,36 @@ def train(
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
         raise
-    metrics = info.metrics
-    kept = f"kept the state of step {metrics['best_step']}" if kind.trains else f"{method}: nothing to train"
-    if "dev" in metrics:
-        zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
-        console.print(f"{kept}; on {metrics['rows']['dev']} dev rows: {_describe(summarize(metrics['dev']))}{zero}; saved to {run}")
-    else:
-        console.print(f"{kept}; validation {task.spec.train.metric} {checkpoint.state.best:.3f}; saved to {run}")
+    console.print(f"{_outcome(info, kind)}; saved to {run}")
     return info
+
+
+def _load_backbone(spec: TaskSpec, console: Console) -> Backbone:
+    with console.status(f"loading model {spec.model} ..."):
+        backbone = Backbone.load(spec.model)
+    console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+    return backbone
+
+
+def _optimizer_for(trainer: Method, settings: TrainSettings, saved: dict | None) -> torch.optim.Optimizer | None:
+    """The optimizer over the method's parameter groups (None when it trains nothing), its state
+    restored from a checkpoint's `saved` when resuming."""
+    if not trainer.trains:
+        return None
+    optimizer = make_optimizer(trainer.param_groups(settings.lr, settings.label_lr), settings)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+    return optimizer
+
+
+def _outcome(info: RunInfo, kind: type[Method]) -> str:
+    """The line that ends training: what was kept, and its score on the dev rows (or validation)."""
+    metrics = info.metrics
+    kept = f"kept the state of step {metrics['best_step']}" if kind.trains else f"{kind.name}: nothing to train"
+    if "dev" not in metrics:
+        return f"{kept}; validation {info.training['metric']} {metrics['validation']['kept'][info.training['metric']]:.3f}"
+    zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
+    return f"{kept}; on {metrics['rows']['dev']} dev rows: {_describe(summarize(metrics['dev']))}{zero}"
 
 
 def _task_for(spec: TaskSpec, kind: type[Method], backbone: Backbone) -> tuple[Task, dict]:
