@@ -16,6 +16,7 @@ from typing import Literal
 from rich.markup import escape
 
 from .backbone import GEMMA_MODEL, Backbone
+from .codecheck import NODE_INSTALL, node_available, node_metrics
 from .data import DataError, Example, hold_out, load_examples
 from .task import TaskSpec
 from .tasks import Task
@@ -50,6 +51,8 @@ def diagnose(task: Task, backbone: Backbone, zero_shot: bool = False, trains: bo
         findings += label_words(task, backbone)
         findings += slot_position(task)
         findings += label_balance(task)
+    else:
+        findings += node_missing(task)
     findings += cut_inputs(task, backbone)
     if trains:
         findings += step_budget(task)
@@ -154,6 +157,30 @@ def label_balance(task: Task) -> list[Finding]:
             )
         )
     return findings
+
+
+# -- what scoring needs ---------------------------------------------------------------------
+def node_missing(task: Task) -> list[Finding]:
+    """Metrics of a generation task that run the answers with node, when node is not on PATH:
+    pass_rate then stops scoring with an error, parse_rate of JavaScript is left out."""
+    gen = task.spec.generation
+    needs = node_metrics(gen.metrics, gen.language, task.spec.data.tests)
+    if not needs or node_available():
+        return []
+    fails = "pass_rate" in needs
+    effect = (
+        "training and eval stop with an error at the first scoring" if fails else "parse_rate is left out of every report"
+    )
+    drop = " or ".join(needs)
+    return [
+        Finding(
+            "node_missing",
+            "warn" if fails else "info",
+            f"generation.metrics {', '.join(needs)} run the generated JavaScript with node, and node is not on "
+            f"PATH: {effect}",
+            f"{NODE_INSTALL}, or drop {drop} from generation.metrics",
+        )
+    ]
 
 
 # -- lengths and the step budget ------------------------------------------------------------

@@ -223,3 +223,36 @@ def test_cli_doctor_names_a_bad_data_line_and_exits_2(tmp_path, tiny_model_dir):
     result = runner.invoke(app, ["doctor", str(task)], terminal_width=400)
     assert result.exit_code == 2
     assert "train.jsonl:21: missing field 'label'" in result.output
+
+
+def _generation_task_with_pass_rate(folder, model_dir, metrics: str = "[chrf, parse_rate, pass_rate]"):
+    test = "const assert = require('node:assert');\nassert.deepEqual(f(1), 1);\n"
+    train_rows = [{"text": f"def f{i}(a): return a", "target": f"function f{i}(a) {{ return a; }}", "tests": test} for i in range(20)]
+    dev_rows = [{"text": f"def g{i}(): pass", "target": f"function g{i}() {{}}", "tests": test} for i in range(3)]
+    write_rows(folder / "train.jsonl", train_rows)
+    write_rows(folder / "dev.jsonl", dev_rows)
+    task = folder / "task.yaml"
+    task.write_text(
+        f"model: {model_dir}\ntemplate: '{{soft:4}} Python: {{text}} JavaScript: {{target}}'\n"
+        "data: {train: train.jsonl, dev: dev.jsonl, tests: tests}\n"
+        f"generation: {{metrics: {metrics}, language: javascript}}\ntrain: {{steps: 8, batch_size: 4}}\n"
+    )
+    return task
+
+
+def test_a_task_whose_metrics_run_node_gets_a_warning_when_node_is_missing(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    task = _generation_task_with_pass_rate(tmp_path, tiny_model_dir)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    finding = only(findings_for(task, tiny_backbone), "node_missing")
+    assert finding.level == "warn" and "parse_rate, pass_rate run the generated JavaScript with node" in finding.message
+    assert "apt-get install nodejs" in finding.fix
+    only_parse = _generation_task_with_pass_rate(tmp_path, tiny_model_dir, "[chrf, parse_rate]")
+    assert only(findings_for(only_parse, tiny_backbone), "node_missing").level == "info"  # left out, no failure
+
+
+@pytest.mark.skipif(not __import__("shutil").which("node"), reason="node not installed")
+def test_a_task_whose_metrics_run_node_gets_no_node_finding_where_node_is_installed(tmp_path, tiny_model_dir, tiny_backbone):
+    task = _generation_task_with_pass_rate(tmp_path, tiny_model_dir)
+    assert "node_missing" not in codes(findings_for(task, tiny_backbone))
