@@ -1,10 +1,15 @@
 """Serving many tuned prompts from one model: throughput of mixed-task batches, the prefix cache,
-the HTTP server under concurrent clients, and short-request latency under generation load.
+the HTTP server under concurrent clients, and short-request latency under generation load; with
+--soak, the server's memory and decoding step time over minutes of a load that never lets its
+decoding drain.
 
-Workload (default model, four run folders: two classification, two generation):
+Workload (default model, four run folders under --runs: two classification, two generation):
   sentiment (Portuguese sentiment, 3 labels), intent (3 intents, multi-token label words),
   summ (code summarization), py2js (Python -> JavaScript); inputs are the first rows of each
-  task's dev file, interleaved round-robin across the tasks as requests would arrive.
+  task's dev file, interleaved round-robin across the tasks as requests would arrive. A run folder
+  that is missing is trained first, briefly (--train-steps steps of the examples/ task file, a few
+  validation rows, no report: 2.5 minutes for all four on 2 CPU cores): a bench needs prompts of
+  the right shape, not good ones.
 
 Measured, in this order, on one loaded backbone:
   mixed_rows_per_s          the interleaved rows in batches that mix tasks (classification rows of
@@ -39,7 +44,17 @@ Measured, in this order, on one loaded backbone:
 
 The last stdout line is one JSON object with those keys.
 
-    python bench/serve.py                      # ~10 minutes on 2 CPU cores
+Soak (--soak [MINUTES], default 10): `softprompt serve` with the two generation runs and
+--soak-batch-rows rows per decoding; --soak-clients streaming clients (more than the rows a decoding
+holds) each send generation after generation (8 to 64 new tokens), so rows wait at every moment and
+the one decoding never drains: rows join as others finish, for the whole soak. Every minute it
+samples the server's RSS (/proc), the median and p90 gap between two streamed tokens of one answer
+(a decoding step, plus any prefill of joining rows that fell between), tokens streamed per second,
+the rows waiting (/metrics), and the requests done and failed so far. The last stdout line is
+{"soak": [one object per minute], "first": minute 1, "last": the last minute}.
+
+    python bench/serve.py                      # ~10 minutes on 2 CPU cores (+ ~4 to train the runs)
+    python bench/serve.py --soak               # 10 minutes
 """
 
 from __future__ import annotations
@@ -60,14 +75,41 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TASKS = {  # name -> (run folder, dev file)
-    "sentiment": ("runs/sentiment", "examples/data/sentimento/dev.jsonl"),
-    "intent": ("runs/intent", "examples/data/intencao/dev.jsonl"),
-    "summ": ("runs/seed_code_summary", "examples/data/resumo_codigo/dev.jsonl"),
-    "py2js": ("runs/seed_py2js", "examples/data/py2js/dev.jsonl"),
+TASKS = {  # name (and run folder under --runs) -> (task file it is trained from, dev file)
+    "sentiment": ("examples/sentiment.yaml", "examples/data/sentimento/dev.jsonl"),
+    "intent": ("examples/intent.yaml", "examples/data/intencao/dev.jsonl"),
+    "summ": ("examples/code_summary.yaml", "examples/data/resumo_codigo/dev.jsonl"),
+    "py2js": ("examples/py2js.yaml", "examples/data/py2js/dev.jsonl"),
 }
+GENERATION_TASKS = ("summ", "py2js")
 LONG_PROMPT = "{soft:100} Review: {text} Sentiment: {label}"
 SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.jsonl"
+
+
+def ensure_runs(runs: Path, names, steps: int, backbone=None) -> dict[str, Path]:
+    """The run folder of each task under `runs`; one that holds no finished run is trained first
+    (an interrupted training is resumed), briefly: `steps` steps, validated once on 8 rows. The
+    default model is loaded for it unless `backbone` is given."""
+    from softprompt.run import INFO_FILE
+
+    folders = {name: runs / name for name in names}
+    missing = [name for name, folder in folders.items() if not (folder / INFO_FILE).is_file()]
+    if not missing:
+        return folders
+    from rich.console import Console
+
+    from softprompt.backbone import Backbone
+    from softprompt.task import load_task
+    from softprompt.train import train
+
+    print(f"training {', '.join(missing)} into {runs} ({steps} steps each): once, reused later", file=sys.stderr)
+    backbone = backbone or Backbone.load("default")
+    for name in missing:
+        overrides = {"steps": steps, "eval_every": steps, "eval_limit": 8, "batch_size": 4}
+        spec = load_task(ROOT / TASKS[name][0], overrides)
+        console = Console(stderr=True)
+        train(spec, folders[name], backbone, resume=True, console=console, baselines=False, report=False)
+    return folders
 
 
 def read_inputs(bank, name: str, dev: Path, n: int) -> list[dict[str, str]]:
@@ -220,11 +262,13 @@ def _spliced_generate(base, task, prepared, max_new_tokens: int, eos: int) -> li
 
 def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
     """Rows/s of classification requests of a task with a 100-token soft prompt and ~15-token
-    inputs (SST-2 dev sentences of 10 to 20 tokens, one-token labels), the prefix cached or not."""
-    from softprompt.run import RunInfo
+    inputs (SST-2 dev sentences of 10 to 20 tokens, one-token labels; without ../shared/data/sst2,
+    the Portuguese sentiment dev texts of that length), the prefix cached or not."""
     from softprompt.prompt import init_prompt
+    from softprompt.run import RunInfo
 
-    texts = [json.loads(line)["text"] for line in SST2_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+    source, key = (SST2_DEV, "text") if SST2_DEV.is_file() else (ROOT / TASKS["sentiment"][1], "texto")
+    texts = [json.loads(line)[key] for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [{"text": t} for t in texts if 10 <= len(backbone.tokenize(" " + t)) <= 20][:n]
     folder = runs / "long_prompt"
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,16 +299,18 @@ def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
         "prefix_cache_speedup": out["on"][0] / out["off"][0],
         "prefix_cache_on_batched_rows_per_s": out["on"][1],
         "prefix_cache_off_batched_rows_per_s": out["off"][1],
+        "prefix_rows_from": os.path.relpath(source, ROOT),
         "prefix_tokens": len(encoded.prefix),  # 100 soft tokens + the fixed text before the input
         "row_tokens_mean": statistics.mean(len(b) for b in encoded.bodies),  # the input + " Sentiment:"
     }
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
-def start_server(port: int, batch_tasks: int, runs: list[str]) -> subprocess.Popen:
+def start_server(port: int, runs: list[str], *options: str) -> subprocess.Popen:
+    """`softprompt serve RUNS --port PORT OPTIONS` in a subprocess, once it answers /healthz."""
     import httpx
 
-    cmd = [sys.executable, "-m", "softprompt.cli", "serve", *runs, "--port", str(port), "--batch-tasks", str(batch_tasks)]
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", *runs, "--port", str(port), *options]
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -349,6 +395,109 @@ async def short_latency(url: str, rows: list[dict], load: list[dict] | None, loa
     return 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
 
 
+# -- soak: a decoding that never drains ------------------------------------------------------------
+def soak_bodies(clients: int) -> list[dict]:
+    """Streamed generations of the two generation tasks' dev rows, 8 to 64 new tokens."""
+    rows = {}
+    for name in GENERATION_TASKS:
+        lines = (ROOT / TASKS[name][1]).read_text(encoding="utf-8").splitlines()
+        rows[name] = [json.loads(line)["input"] for line in lines if line.strip()]
+    bodies = []
+    for k in range(max(40, clients)):
+        name = GENERATION_TASKS[k % 2]
+        text = rows[name][(k // 2) % len(rows[name])]
+        bodies.append({"task": name, "inputs": [{"input": text}], "max_new_tokens": 8 * 2 ** (k % 4), "stream": True})
+    return bodies
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def soak(url: str, pid: int, clients: int, minutes: float, sample_s: float, max_requests: int) -> list[dict]:
+    """`clients` streaming clients send generation after generation for `minutes` (at most
+    `max_requests` requests); one sample of the server every `sample_s` seconds. A streamed piece
+    is one token's text (a character split across tokens comes once, whole)."""
+    import httpx
+
+    bodies = soak_bodies(clients)
+    done, errors, tokens, gaps = 0, 0, 0, []  # gaps and tokens: since the last sample
+    start = time.monotonic()
+    deadline = start + 60 * minutes
+
+    async def client(http: httpx.AsyncClient, k: int) -> None:
+        nonlocal done, errors, tokens
+        i = k
+        while time.monotonic() < deadline and done + errors < max_requests:
+            body, i = bodies[i % len(bodies)], i + clients
+            last, answered = None, False
+            try:
+                async with http.stream("POST", url + "/v1/generate", json=body, timeout=300) as response:
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[len("data: ") :])
+                        if "text" in event:  # one decoded piece of the answer
+                            now = time.perf_counter()
+                            if last is not None:
+                                gaps.append(now - last)
+                            last, tokens = now, tokens + 1
+                        answered = answered or (event.get("done") and response.status_code == 200)
+            except httpx.HTTPError:
+                pass
+            done, errors = (done + 1, errors) if answered else (done, errors + 1)
+
+    async def queued_rows(http: httpx.AsyncClient) -> float | None:
+        try:
+            text = (await http.get(url + "/metrics", timeout=10)).text
+        except httpx.HTTPError:
+            return None
+        found = [line.split()[1] for line in text.splitlines() if line.startswith("softprompt_queue_rows ")]
+        return float(found[0]) if found else None
+
+    samples = []
+    async with httpx.AsyncClient() as http:
+        workers = [asyncio.create_task(client(http, k)) for k in range(clients)]
+        for n in range(1, int(60 * minutes // sample_s) + 1):
+            await asyncio.sleep(max(0.0, start + n * sample_s - time.monotonic()))
+            taken, gaps[:] = sorted(gaps), []
+            per_s, tokens = tokens / sample_s, 0
+            samples.append({
+                "minute": round(n * sample_s / 60, 2),
+                "rss_mb": round(rss_mb(pid), 1),
+                "step_ms_p50": round(1000 * taken[len(taken) // 2], 1) if taken else None,
+                "step_ms_p90": round(1000 * taken[int(0.9 * len(taken))], 1) if taken else None,
+                "tokens_per_s": round(per_s, 1),
+                "rows_waiting": await queued_rows(http),
+                "requests_done": done,
+                "errors": errors,
+            })
+            print(json.dumps(samples[-1]), file=sys.stderr)
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return samples
+
+
+def run_soak(args, folders: dict[str, Path]) -> dict:
+    runs = [f"{name}={folders[name]}" for name in GENERATION_TASKS]
+    server = start_server(args.port, runs, "--batch-rows", str(args.soak_batch_rows))
+    try:
+        url = f"http://127.0.0.1:{args.port}"
+        samples = asyncio.run(
+            soak(url, server.pid, args.soak_clients, args.soak, args.soak_sample_s, args.soak_max_requests)
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    setup = dict(minutes=args.soak, clients=args.soak_clients, batch_rows=args.soak_batch_rows, cpus=os.cpu_count())
+    first, last = (samples[0], samples[-1]) if samples else (None, None)
+    return {"soak_setup": setup, "soak": samples, "first": first, "last": last}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cls-rows", type=int, default=48, help="rows per classification task")
@@ -361,15 +510,26 @@ def main() -> None:
     parser.add_argument("--load-clients", type=int, default=3)
     parser.add_argument("--short-requests", type=int, default=60)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench", help="run folders (trained if missing)")
+    parser.add_argument("--train-steps", type=int, default=8, help="steps of a run trained because it is missing")
+    parser.add_argument("--soak", type=float, nargs="?", const=10.0, help="soak N minutes (default 10) instead")
+    parser.add_argument("--soak-clients", type=int, default=8, help="streaming generation clients of the soak")
+    parser.add_argument("--soak-batch-rows", type=int, default=4, help="the soak server's --batch-rows")
+    parser.add_argument("--soak-sample-s", type=float, default=60, help="seconds between two samples of the soak")
+    parser.add_argument("--soak-max-requests", type=int, default=100_000)
     args = parser.parse_args()
 
+    if args.soak is not None:
+        print(json.dumps(run_soak(args, ensure_runs(args.runs, GENERATION_TASKS, args.train_steps))))
+        return
     from softprompt.backbone import Backbone
     from softprompt.serve.bank import TaskBank
 
     backbone = Backbone.load("default")
-    bank = TaskBank(backbone, allow=[ROOT])
-    for name, (run, _) in TASKS.items():
-        bank.load(name, ROOT / run)
+    folders = ensure_runs(args.runs, TASKS, args.train_steps, backbone)
+    bank = TaskBank(backbone, allow=[args.runs.resolve()])
+    for name, folder in folders.items():
+        bank.load(name, folder)
     per_task = {
         name: read_inputs(bank, name, ROOT / dev, args.cls_rows if bank.get(name).kind == "classification" else args.gen_rows)
         for name, (_, dev) in TASKS.items()
@@ -398,7 +558,7 @@ def main() -> None:
     )
     print(json.dumps(result), file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.runs) as tmp:
         result.update(prefix_cache(backbone, TaskBank, Path(tmp), args.cls_rows, args.batch))
     print(json.dumps(result), file=sys.stderr)
     del bank, backbone
@@ -406,9 +566,9 @@ def main() -> None:
     kinds = {"sentiment": "classification", "intent": "classification", "summ": "generation", "py2js": "generation"}
     work = [request_body(kinds, name, row, args.max_new_tokens) for name, row in items]
     work = (work * (args.requests // len(work) + 1))[: args.requests]
-    runs = [f"{name}={run}" for name, (run, _) in TASKS.items()]
+    runs = [f"{name}={folder}" for name, folder in folders.items()]
     for label, batch_tasks in (("mixed", 8), ("per_task_queue", 1)):
-        server = start_server(args.port, batch_tasks, runs)
+        server = start_server(args.port, runs, "--batch-tasks", str(batch_tasks))
         try:
             asyncio.run(load_test(f"http://127.0.0.1:{args.port}", work[:8], args.clients))  # warm up
             stats = asyncio.run(load_test(f"http://127.0.0.1:{args.port}", work, args.clients))

@@ -9,6 +9,13 @@ right-padded; every row gets its own position ids and padded slots are masked, s
 not depend on what else is in its batch. A `Decoding` holds rows that may belong to different tasks,
 each with its own decoding settings, and advances them one token per `step()`: batch generation runs
 it to the end, a server interleaves its steps with other work and streams each row's tokens.
+
+A decoding that rows keep joining never drains, so it must not grow with its age: every step adds a
+key column to every row and a joining row is padded to the batch's width, so unchecked the cache
+grows by a column a step for as long as the server stays busy (240 steps of 4 rows that each need at
+most 74 keys ended 307 keys wide). When most of the cache is padding, the live rows' keys are packed
+to the front (`pack_keys`): the cache stays within twice what its longest live row needs, at the cost
+of one copy each time it doubles. A server also forgets the rows it has answered (`Decoding.compact`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from .backbone import Backbone, Context, Layout, join_contexts
 from .prompted import Prefix, Prompt, PromptedLM, Row, run_rows
@@ -218,6 +226,22 @@ def next_hidden(
     return hidden[:, -1], context
 
 
+def pack_keys(context: Context) -> Context:
+    """The same keys with the padding between them dropped: each row's real keys move to the front,
+    in order, and the cache is cut to the longest row. Which key a query sees is decided by positions,
+    never by tensor index, so every row still sees exactly what it saw."""
+    real = context.layout.real
+    width = int(real.sum(1).max())
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # real keys first
+    layout = Layout(*(t.gather(1, order) for t in context.layout.tensors))
+    kv = []
+    for layer in context.cache.layers:
+        keys, values = layer.keys, layer.values  # [B, heads, keys, head_dim]
+        index = order.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        kv.append((keys.gather(2, index), values.gather(2, index)))
+    return Context(DynamicCache(ddp_cache_data=kv), layout)
+
+
 @dataclass
 class GenRow:
     """A row to decode: its task's generator, the prefix it follows, its ids, its decoding settings."""
@@ -233,7 +257,8 @@ class Decoding:
 
     Each row stops on its own (end marker, its stop strings, its max_new_tokens) and then leaves the
     batch and its cache, so the remaining rows do not pay for it; new rows may join between steps
-    (`add`), so a server keeps its batch full whatever lengths its answers have."""
+    (`add`), so a server keeps its batch full whatever lengths its answers have. A row is known by its
+    number (its place in `rows` and `generated`), which only `compact` changes."""
 
     def __init__(self, rows: list[GenRow], generator: torch.Generator | None = None) -> None:
         self.backbone = rows[0].generator.backbone
@@ -242,6 +267,7 @@ class Decoding:
         self.generated: list[list[int]] = []
         self.active: list[int] = []  # original row of each batch position
         self.cancelled: set[int] = set()
+        self.released = 0  # rows released since the last `compact`
         self.add(rows)
 
     def add(self, rows: list[GenRow]) -> None:
@@ -262,7 +288,21 @@ class Decoding:
     def release(self, row: int) -> None:
         """Forget a finished row's answer and prompt (its prefix states included), once read."""
         assert row not in self.active, "only a finished row can be released"
+        if self.rows[row] is not None:
+            self.released += 1
         self.rows[row], self.generated[row] = None, []
+
+    def compact(self) -> dict[int, int]:
+        """Drop the released rows' places for good and renumber the others 0, 1, ... in order; their
+        new numbers by old number. What a server calls now and then, so that a decoding that never
+        drains does not keep a place for every row it ever answered."""
+        numbers = {old: new for new, old in enumerate(r for r, row in enumerate(self.rows) if row is not None)}
+        self.rows = [self.rows[old] for old in numbers]
+        self.generated = [self.generated[old] for old in numbers]
+        self.active = [numbers[row] for row in self.active]
+        self.cancelled = {numbers[row] for row in self.cancelled if row in numbers}
+        self.released = 0
+        return numbers
 
     @property
     def done(self) -> bool:
@@ -300,6 +340,8 @@ class Decoding:
             self.positions = self.positions[index]
             self.active = [self.active[i] for i in keep]
             tokens = [tokens[i] for i in keep]
+        if self.context.layout.real.shape[1] > 2 * int(self.context.layout.real.sum(1).max()):
+            self.context = pack_keys(self.context)  # mostly padding: a copy now saves a column a step for ever
         self.hidden, self.context = next_hidden(self.backbone, self.context, torch.tensor(tokens), self.positions)
         self.positions = self.positions + 1
         return emitted

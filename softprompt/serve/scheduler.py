@@ -8,7 +8,11 @@ waiting generations join the decoding while it holds fewer than `max_rows` rows,
 classifications that arrived during their prefill before it steps. So a short classification waits
 at most one decoding step (or one joining prefill) behind a long generation, never for the whole
 answer, and a long answer never keeps short ones waiting for a batch. Beam search (a task trained
-with num_beams > 1) runs whole, as its own batch.
+with num_beams > 1) runs whole, as its own batch. A busy server's decoding may never drain, so it
+forgets each job's rows once the job is answered (`Decoding.compact`): nothing grows with its age.
+
+`stop()` answers every job: those still waiting fail at once, those in the decoding when the worker
+ends its round, and a job submitted later fails as it is submitted; all with `SchedulerStopped`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from .telemetry import Telemetry
 
 class QueueFull(RuntimeError):
     """More rows are waiting than the server accepts."""
+
+
+class SchedulerStopped(RuntimeError):
+    """The scheduler is stopping (the server shuts down): the job was not run, or not to its end."""
 
 
 @dataclass
@@ -60,6 +68,13 @@ class _Running:
     left: dict[int, int]  # id(job) -> rows still decoding
     members: dict[int, list[tuple[int, int]]]  # id(job) -> (decoding row, job row) of each of its rows
 
+    def compact(self) -> None:
+        """Forget the released rows (`Decoding.compact`), renumbering what is kept per row to match."""
+        numbers = self.decoding.compact()
+        self.owners = [self.owners[old] for old in numbers]
+        self.texts = [self.texts[old] for old in numbers]
+        self.members = {job: [(numbers[r], i) for r, i in rows] for job, rows in self.members.items()}
+
 
 class Scheduler:
     def __init__(
@@ -90,17 +105,30 @@ class Scheduler:
         return self
 
     def stop(self) -> None:
+        """Fail the waiting jobs now and take no more; the worker ends its round, fails what it was
+        decoding and exits (waited for up to 10 s)."""
         with self.wake:
             self.stopping = True
-            self.wake.notify()
-        self.thread.join(timeout=10)
+            waiting = [*self.classify_queue, *self.generate_queue]
+            self.classify_queue.clear()
+            self.generate_queue.clear()
+            self.telemetry.queue_rows.set(0)
+            self.wake.notify_all()
+        for job in waiting:
+            _refuse(job)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     # -- submitting ----------------------------------------------------------------------------
     def queued_rows(self) -> int:
         return sum(j.rows for j in self.classify_queue) + sum(j.rows for j in self.generate_queue)
 
     def submit(self, job: Job) -> Future:
+        """Queue a job; its future holds the answer, or SchedulerStopped once `stop()` was called."""
         with self.wake:
+            if self.stopping:
+                _refuse(job)
+                return job.future
             waiting = self.queued_rows()
             if waiting + job.rows > self.max_queue_rows:
                 raise QueueFull(
@@ -126,9 +154,9 @@ class Scheduler:
             self._guard(self._classify_waiting)  # what arrived during the joining rows' prefill
             self._guard(self._step_decodings)
         decoding = [job for job, _ in self.running.owners if job is not None] if self.running else []
-        for job in list(self.classify_queue) + list(self.generate_queue) + decoding:
+        for job in decoding:  # taken, so running: their futures can no longer be cancelled
             if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+                job.future.set_exception(SchedulerStopped("the server is shutting down: the answer was not finished"))
 
     def _guard(self, work: Callable[[], None]) -> None:
         """A failure fails the jobs it touched, never the worker."""
@@ -248,6 +276,8 @@ class Scheduler:
             self._emit(run, row, finished)
         if run.decoding.done:
             self.running = None
+        elif run.decoding.released >= self.max_rows:
+            run.compact()
 
     def _emit(self, run: _Running, row: int, finished: bool) -> None:
         """Stream the new text of a decoding row; complete its job when its last row finishes."""
@@ -263,14 +293,22 @@ class Scheduler:
         if not finished:
             return
         run.left[id(job)] -= 1
-        if run.left[id(job)] == 0 and not job.future.done():
-            rows = run.members.pop(id(job))
-            answers = [_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows]
-            for r, i in rows:  # a decoding that never empties must not keep every answered row
-                run.decoding.release(r)
-                run.owners[r], run.texts[r] = (None, i), ""
-            del run.left[id(job)]
+        if run.left[id(job)] > 0:
+            return
+        rows = run.members.pop(id(job))
+        answers = [_answer(job, i, run.decoding.text(r), run.decoding.generated[r]) for r, i in rows]
+        for r, i in rows:  # a decoding that never empties must not keep every answered row
+            run.decoding.release(r)
+            run.owners[r], run.texts[r] = (None, i), ""
+        del run.left[id(job)]
+        if not job.future.done():
             job.future.set_result(answers)  # last: whoever reads the answer finds the rows released
+
+
+def _refuse(job: Job) -> None:
+    """Fail a job that never ran (a client that went away already cancelled its future)."""
+    if job.future.set_running_or_notify_cancel():
+        job.future.set_exception(SchedulerStopped("the server is shutting down: the request was not run"))
 
 
 def _answer(job: Job, row: int, text: str, tokens: list[int]) -> dict:
