@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .template import TemplateError
+
 if TYPE_CHECKING:
     from .classify import Classifier
     from .run import RunInfo
@@ -24,10 +26,19 @@ SETTING = "calibration"  # the key of the prior in task.json's method_settings
 
 
 def content_free_prior(classifier: Classifier) -> torch.Tensor:
-    """[L] mean label probabilities over the content-free inputs (every field set to each)."""
+    """[L] mean label probabilities over the content-free inputs (every field set to each), less
+    those the template leaves nothing to read from ("" in `{text} {label}` on a model without BOS)."""
     rows = [{name: text for name in classifier.template.fields} for text in CONTENT_FREE]
-    probs = classifier.predict_proba(classifier.encode(rows))
+    probs = classifier.predict_proba(classifier.encode([row for row in rows if _readable(classifier, row)]))
     return probs.mean(0)
+
+
+def _readable(classifier: Classifier, row: dict[str, str]) -> bool:
+    try:
+        classifier.encode([row])
+    except TemplateError:
+        return False
+    return True
 
 
 def settings(prior: torch.Tensor) -> dict:

@@ -291,10 +291,13 @@ def evaluate_cmd(
     except USER_ERRORS as err:
         _fail(err)
     if isinstance(task_model, Generator):
-        return _eval_generation(
-            task_model, info, examples, run=run, data=data, out=out, batch_size=batch_size, as_json=as_json,
-            config=_decode_options(info, max_new_tokens=max_new_tokens, num_beams=num_beams),
-        )
+        try:
+            return _eval_generation(
+                task_model, info, examples, run=run, data=data, out=out, batch_size=batch_size, as_json=as_json,
+                config=_decode_options(info, max_new_tokens=max_new_tokens, num_beams=num_beams),
+            )
+        except USER_ERRORS as err:  # e.g. pass_rate without node
+            _fail(err)
     rows = task_model.encode([e.fields for e in examples], [str(e.label) for e in examples])
     _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
     with _progress("scoring", len(examples)) as advance:
@@ -523,7 +526,7 @@ def serve(
     max_rows: Annotated[int, typer.Option(help="rows per request at most (413 beyond)")] = 64,
     max_input_chars: Annotated[int, typer.Option(help="characters per input field at most (413 beyond)")] = 20_000,
     max_new_tokens: Annotated[int, typer.Option(help="max_new_tokens a request may ask at most (422 beyond)")] = 512,
-    max_body_mb: Annotated[float, typer.Option(help="request body size at most, from its Content-Length (413 beyond)")] = 8,
+    max_body_mb: Annotated[float, typer.Option(help="request body size at most, counted as it is read, chunked or not (413 beyond)")] = 8,
 ) -> None:
     """Serve many tuned prompts from one loaded model: HTTP API, OpenAI completions, web page at /."""
     import uvicorn
@@ -556,7 +559,7 @@ def serve(
     )
     console.print(f"serving {len(runs)} tasks on http://{host}:{port}/ (page at /, API under /v1)")
     try:
-        uvicorn.run(create_app(bank, scheduler, limits, token), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(bank, scheduler, limits=limits, token=token), host=host, port=port, log_level="warning")
     finally:
         scheduler.stop()
 

@@ -252,14 +252,17 @@ class Template:
             cuts.append(_fit(fields, max_length - fixed))
             bodies.append([t for p in body_pieces for t in p.ids(r)])
             afters.append([t for p in after_pieces for t in p.ids(r)])
-        if not body_pieces:
-            # The slot precedes every field: the label is predicted from the prefix's last token,
-            # which therefore moves into each row (a row needs at least one token of its own).
+        if not all(bodies):
+            # A row with no token of its own before the slot (the slot precedes every field, or an
+            # empty field right before it): its answer is read at the prefix's last token, which
+            # therefore moves into every row (the model reads each row's last token, never padding).
             if not prefix:
+                empty = next(r for r, body in enumerate(bodies) if not body)
                 raise TemplateError(
-                    f"template {self.text!r} has nothing before {{{self.segments[self.slot_index].value}}}"
+                    f"row {empty + 1} gives no token before {{{self.segments[self.slot_index].value}}} and template "
+                    f"{self.text!r} has nothing before it: the answer has no text to be read from"
                 )
-            bodies = [[prefix[-1]] for _ in rows]
+            bodies = [[prefix[-1], *body] for body in bodies]
             prefix = prefix[:-1]
         return Encoded(prefix, bodies, afters, sizes, cuts)
 

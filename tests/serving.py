@@ -27,7 +27,7 @@ def running_server(bank: TaskBank, token: str | None = None, limits: Limits | No
     """Yields the base URL (http://127.0.0.1:PORT) of a started server; stops it afterwards."""
     scheduler = Scheduler(bank, Telemetry(), **scheduling).start()
     port = free_port()
-    config = uvicorn.Config(create_app(bank, scheduler, limits, token), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(bank, scheduler, limits=limits, token=token), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -93,3 +93,18 @@ def test_cuts_are_counted_per_row_with_the_worst_named():
     assert summary.describe("train", "max_length 20") == (
         "2 of 3 train rows (66.7%) were cut to fit max_length 20; the worst, f.jsonl:1, lost 26 of its 41 input tokens"
     )
+
+
+@pytest.mark.parametrize("slot", ["label", "target"])
+def test_an_empty_field_right_before_the_slot_is_read_at_the_prefix_s_last_token(slot):
+    t = Template.parse("{soft:2}Q:{q}{" + slot + "}", slot=slot)
+    enc = t.encode([{"q": "ab"}, {"q": ""}], char_tokenize, 64)
+    assert enc.prefix == [soft_id(0), soft_id(1), ord("Q")]  # the ":" of "Q:" moved into every row
+    assert enc.bodies == [[ord(":"), ord("a"), ord("b")], [ord(":")]]
+
+
+def test_an_empty_field_with_nothing_before_it_names_the_row():
+    t = Template.parse("{q} {label}")
+    assert t.encode([{"q": "ab"}], char_tokenize, 64).bodies == [[ord("a"), ord("b")]]
+    with pytest.raises(TemplateError, match="row 2 gives no token before {label}"):
+        t.encode([{"q": "ab"}, {"q": ""}], char_tokenize, 64)

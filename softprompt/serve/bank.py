@@ -1,10 +1,11 @@
-"""The task bank: one frozen backbone, many tuned prompts, and an LRU of their prefix caches.
+"""The task bank: one frozen backbone, many tuned prompts, and the prefix cache they share.
 
 A task is a run folder loaded onto the bank's backbone. Its constant prefix (soft tokens and fixed
 text before the first input field, a constant document included) is encoded once and its key/value
-states are reused by every request of that task. The cache is keyed by content (model fingerprint,
-prompt bytes, prefix ids), never by name, so a task reloaded with new weights cannot be served stale
-states. Rows of different tasks are answered in one forward pass (`classify`, `start_decoding`).
+states are reused by every request of that task (`prefix_cache.PrefixCache`, keyed by content).
+Rows of different tasks are answered in one forward pass (`classify`, `start_decoding`). The task
+table changes while requests are served (loading, unloading): it is read and written under the
+bank's lock only, and readers get a copy.
 
     bank = TaskBank(Backbone.load())
     bank.load("sentiment", "runs/sentiment"); bank.load("intent", "runs/intent")
@@ -16,26 +17,22 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..artifact import load_run
-from ..run import ArtifactError, RunInfo
 from ..backbone import Backbone
 from ..classify import Classifier, LabelRow, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, GenRow
-from ..methods import SHARES_BASE
-from ..methods.base import LABELS_FILE
-from ..methods.prefix import PREFIX_FILE
-from ..prompt import PROMPT_FILE
+from ..methods import MethodError, method_class
 from ..prompted import Prefix
+from ..run import ArtifactError, RunInfo
 from ..template import Encoded
+from .prefix_cache import PrefixCache, content_key
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SERVABLE_METHODS = SHARES_BASE  # methods that leave the model's weights unchanged (prompts, prefixes, baselines)
 RUN_FILES = ("learning_curve.png", "confusion_matrix.png")  # figures the page may show
 
 
@@ -97,36 +94,6 @@ class ServedTask:
         }
 
 
-class PrefixCache:
-    """Prefix key/value states by content key, least recently used evicted beyond `max_bytes`."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, Prefix] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: str, compute) -> Prefix:
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                self.hits += 1
-                return self.entries[key]
-            self.misses += 1
-        prefix = compute()
-        if 0 < prefix.nbytes <= self.max_bytes:
-            with self.lock:
-                if key not in self.entries:
-                    self.entries[key] = prefix
-                    self.bytes += prefix.nbytes
-                while self.bytes > self.max_bytes:
-                    _, old = self.entries.popitem(last=False)
-                    self.bytes -= old.nbytes
-        return prefix
-
-
 @dataclass
 class Prepared:
     """A task's rows rendered to ids, with their prefix (cached by content)."""
@@ -148,8 +115,14 @@ class TaskBank:
         self.backbone = backbone
         self.cache = PrefixCache(int(cache_mb * 2**20))
         self.allow = [Path(p).resolve() for p in (allow or [Path.cwd()])]
-        self.tasks: dict[str, ServedTask] = {}
-        self.lock = threading.Lock()
+        self._tasks: dict[str, ServedTask] = {}
+        self.lock = threading.Lock()  # guards _tasks
+
+    @property
+    def tasks(self) -> dict[str, ServedTask]:
+        """A copy of the task table, taken under the lock: safe to iterate while a load writes it."""
+        with self.lock:
+            return dict(self._tasks)
 
     # -- tasks ---------------------------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> ServedTask:
@@ -159,9 +132,10 @@ class TaskBank:
         folder = self._allowed(Path(path))
         try:
             info = RunInfo.read(folder)
-        except ArtifactError as err:
+            kind = method_class(info.method)
+        except (ArtifactError, MethodError) as err:
             raise BankError(str(err)) from err
-        if info.method not in SERVABLE_METHODS:
+        if not kind.servable():
             raise BankError(
                 f"{path}: a {info.method!r} run changes the model's weights, so it cannot share this server's "
                 "frozen model: serve it with its own server"
@@ -175,20 +149,20 @@ class TaskBank:
         for key, tensor in sorted((prompt.tensors() if prompt is not None else {}).items()):
             digest.update(key.encode())
             digest.update(tensor.float().numpy().tobytes())
-        size = sum((folder / f).stat().st_size for f in (PROMPT_FILE, PREFIX_FILE, LABELS_FILE) if (folder / f).is_file())
+        size = sum((folder / f).stat().st_size for f in kind.artifact_files() if (folder / f).is_file())
         task = ServedTask(name, folder, info, model, digest.hexdigest(), size)
         with self.lock:
-            self.tasks[name] = task
+            self._tasks[name] = task
         return task
 
     def unload(self, name: str) -> None:
         with self.lock:
-            if self.tasks.pop(name, None) is None:
+            if self._tasks.pop(name, None) is None:
                 raise TaskNotFound(name)
 
     def get(self, name: str) -> ServedTask:
         with self.lock:
-            task = self.tasks.get(name)
+            task = self._tasks.get(name)
         if task is None:
             raise TaskNotFound(name)
         return task
@@ -209,8 +183,7 @@ class TaskBank:
 
     def prefix(self, task: ServedTask, prefix_ids: list[int]) -> Prefix:
         """From the cache (which keeps nothing when its bound is 0)."""
-        key = hashlib.sha256(f"{task.digest}|{prefix_ids}".encode()).hexdigest()
-        return self.cache.get(key, lambda: task.model.lm.run_prefix(prefix_ids))
+        return self.cache.get(content_key(task.digest, prefix_ids), lambda: task.model.lm.run_prefix(prefix_ids))
 
     @torch.inference_mode()
     def classify_prepared(self, batch: list[Prepared]) -> list[torch.Tensor]:

@@ -3,7 +3,10 @@ process, as in the tests, keep separate counts)."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -31,3 +34,25 @@ class Telemetry:
         self.cache_hits = Gauge("softprompt_prefix_cache_hits", "prefix cache hits since start", registry=r)
         self.cache_misses = Gauge("softprompt_prefix_cache_misses", "prefix cache misses since start", registry=r)
         self.cache_bytes = Gauge("softprompt_prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
+
+
+class Measured:
+    """ASGI middleware: counts each answer by route and status, and times it to its first byte."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "other")  # its template; set by the router
+                self.telemetry.requests.labels(route, str(message["status"])).inc()
+                self.telemetry.latency.labels(route).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, timed)
