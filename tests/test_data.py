@@ -79,3 +79,15 @@ def test_holding_rows_out_of_train_never_takes_a_labels_last_row(tmp_path):
     assert "rare" in {r.label for r in rest}
     assert held_out_size(5000, 0.1, 200) == 200 and held_out_size(1000, 0.1, None) == 100
     assert held_out_size(5, 0.1, None) == 1
+
+
+def test_hold_out_gives_the_extra_row_to_the_label_with_the_largest_remainder(tmp_path):
+    """3 rows out of 4 "a" and 6 "b": the exact shares are 1.2 and 1.8, so each label gets its whole
+    part (1 and 1) and the one row left goes to "b", whose remainder (0.8) is the largest."""
+    lines = "".join(f'{{"text": "t{i}", "label": "{"a" if i < 4 else "b"}"}}\n' for i in range(10))
+    rows = load_examples(write(tmp_path / "d.jsonl", lines), ["text"])
+    for seed in range(5):
+        assert sorted(r.label for r in hold_out(rows, 3, seed, by_label=True)[1]) == ["a", "b", "b"]
+    flipped = "".join(f'{{"text": "t{i}", "label": "{"b" if i < 4 else "a"}"}}\n' for i in range(10))  # "a" larger
+    rows = load_examples(write(tmp_path / "e.jsonl", flipped), ["text"])
+    assert sorted(r.label for r in hold_out(rows, 3, 0, by_label=True)[1]) == ["a", "a", "b"]
