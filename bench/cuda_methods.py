@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from softprompt.backbone import Backbone  # noqa: E402
 from softprompt.methods import METHODS, method_class  # noqa: E402
-from softprompt.task import load_task  # noqa: E402
+from softprompt.taskfile import load_task  # noqa: E402
 from softprompt.train import _task_for  # noqa: E402
 
 from conftest import _save, _tokenizer  # noqa: E402  (the tests' byte-level tokenizer)

@@ -26,8 +26,8 @@ from softprompt import Backbone, init_prompt
 from softprompt.artifact import load_run
 from softprompt.data import load_examples
 from softprompt.generate import DecodeConfig, Generator
-from softprompt.task import GenerationSpec
-from softprompt.tasks import score_generations, write_predictions
+from softprompt.task import score_generations, write_predictions
+from softprompt.taskfile import GenerationSpec
 
 VARIANTS = ("zero_shot", "initial_prompt", "tuned")
 

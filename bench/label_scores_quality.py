@@ -23,8 +23,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from softprompt import Backbone
-    from softprompt.task import load_task
-    from softprompt.tasks import make_task
+    from softprompt.task import make_task
+    from softprompt.taskfile import load_task
 
     spec = load_task(args.task)
     spec.data.dev = spec.data.test or spec.data.dev

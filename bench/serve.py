@@ -99,7 +99,7 @@ def ensure_runs(runs: Path, names, steps: int, backbone=None) -> dict[str, Path]
     from rich.console import Console
 
     from softprompt.backbone import Backbone
-    from softprompt.task import load_task
+    from softprompt.taskfile import load_task
     from softprompt.train import train
 
     print(f"training {', '.join(missing)} into {runs} ({steps} steps each): once, reused later", file=sys.stderr)
@@ -264,8 +264,8 @@ def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
     """Rows/s of classification requests of a task with a 100-token soft prompt and ~15-token
     inputs (SST-2 dev sentences of 10 to 20 tokens, one-token labels; without ../shared/data/sst2,
     the Portuguese sentiment dev texts of that length), the prefix cached or not."""
-    from softprompt.prompt import init_prompt
     from softprompt.run import RunInfo
+    from softprompt.soft_prompt import init_prompt
 
     source, key = (SST2_DEV, "text") if SST2_DEV.is_file() else (ROOT / TASKS["sentiment"][1], "texto")
     texts = [json.loads(line)[key] for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]

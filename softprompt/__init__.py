@@ -3,9 +3,9 @@
 from .artifact import load_classifier
 from .backbone import Backbone
 from .classify import Classifier
-from .prompt import SoftPrompt, init_prompt
 from .run import RunInfo
-from .task import TaskSpec, load_task
+from .soft_prompt import SoftPrompt, init_prompt
+from .taskfile import TaskSpec, load_task
 from .template import Template
 from .verbalizer import Verbalizer
 

@@ -31,7 +31,7 @@ from .backbone import Backbone
 from .calibration import is_calibrated
 from .methods import DEFAULT_METHOD, METHODS, method_class
 from .run import RunInfo
-from .task import TaskSpec
+from .taskfile import TaskSpec
 
 DEFAULT_BUDGET_S = 20 * 60
 PROBE_STEPS, PROBE_ROWS = 2, 16

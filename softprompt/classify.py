@@ -18,16 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
-from .prompted import Prefix, Prompt, PromptedLM, Row, run_rows
-from .template import Encoded, Template
+from .splice import BatchRow, Prefix, Prompt, PromptedLM, run_rows
+from .template import RenderedRows, Template
 from .verbalizer import Choices, Verbalizer
 
 DEFAULT_MAX_LENGTH = 512
 
 
 @dataclass
-class EncodedRows:
-    encoded: Encoded
+class ClassificationRows:
+    encoded: RenderedRows
     labels: torch.Tensor | None  # [N] label indices, when known
 
     def __len__(self) -> int:
@@ -94,22 +94,22 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.verbalizer.labels
 
-    def encode(self, rows: list[dict[str, str]], labels: list[str] | None = None) -> EncodedRows:
+    def encode(self, rows: list[dict[str, str]], labels: list[str] | None = None) -> ClassificationRows:
         encoded = self.template.encode(
             rows, self.backbone.tokenize_many, self.max_length, self.backbone.bos_ids
         )
         index = {label: i for i, label in enumerate(self.labels)}
         targets = torch.tensor([index[y] for y in labels]) if labels is not None else None
-        return EncodedRows(encoded, targets)
+        return ClassificationRows(encoded, targets)
 
-    def prefix(self, encoded: Encoded) -> Prefix:
+    def prefix(self, encoded: RenderedRows) -> Prefix:
         return self.lm.run_prefix(encoded.prefix)
 
     def scores(self, prefix: Prefix, bodies: list[list[int]], afters: list[list[int]]) -> torch.Tensor:
         """[B, L] label scores of rows of this task after one prefix (the one-task case of `label_scores`)."""
-        return torch.stack(label_scores([LabelRow(self, prefix, b, a) for b, a in zip(bodies, afters)]))
+        return torch.stack(label_scores([RowToScore(self, prefix, b, a) for b, a in zip(bodies, afters)]))
 
-    def batches(self, rows: EncodedRows, batch_size: int) -> Iterator[list[int]]:
+    def batches(self, rows: ClassificationRows, batch_size: int) -> Iterator[list[int]]:
         """Index batches sorted by length, so little compute goes to padding."""
         order = sorted(
             range(len(rows)), key=lambda i: len(rows.encoded.bodies[i]) + len(rows.encoded.afters[i])
@@ -118,7 +118,7 @@ class Classifier:
             yield order[start : start + batch_size]
 
     @torch.inference_mode()
-    def predict_proba(self, rows: EncodedRows, batch_size: int = 16, progress=None) -> torch.Tensor:
+    def predict_proba(self, rows: ClassificationRows, batch_size: int = 16, progress=None) -> torch.Tensor:
         """[N, L] label probabilities, in row order."""
         prefix = self.prefix(rows.encoded)
         probs = torch.zeros(len(rows), len(self.labels))
@@ -131,7 +131,7 @@ class Classifier:
                 progress(len(index))
         return probs
 
-    def loss(self, rows: EncodedRows, index: list[int]) -> torch.Tensor:
+    def loss(self, rows: ClassificationRows, index: list[int]) -> torch.Tensor:
         """Cross-entropy over the labels for one training batch (prefix recomputed: it is trained)."""
         prefix = self.prefix(rows.encoded)
         scores = self.scores(
@@ -142,7 +142,7 @@ class Classifier:
 
 
 @dataclass
-class LabelRow:
+class RowToScore:
     """A row to classify: its task's classifier, the prefix it follows, its ids before and after the slot."""
 
     classifier: Classifier
@@ -151,7 +151,7 @@ class LabelRow:
     after: list[int]
 
 
-def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
+def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
     """Each row's [L] label scores (log of mean word probability, up to a per-row constant, exact
     with `length_norm`); the rows may belong to different tasks (prompts, templates, verbalizers)
     and run as one batch.
@@ -163,7 +163,7 @@ def label_scores(rows: list[LabelRow]) -> list[torch.Tensor]:
     token from the label rows of the output projection only."""
     backbone = rows[0].classifier.backbone
     pairs = [(r, word, word + row.after) for r, row in enumerate(rows) for word in row.classifier.choices.ids]
-    packed = [Row(row.classifier.lm, row.prefix, list(row.body)) for row in rows]
+    packed = [BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in rows]
     for row in packed:
         row.offsets, row.groups = list(range(len(row.ids))), [-1] * len(row.ids)
     where: list[tuple[int, int]] = []  # (row, column) of each packed token that predicts a target

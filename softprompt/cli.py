@@ -24,10 +24,10 @@ from .generate import DecodeConfig, Generator
 from .methods import DEFAULT_METHOD, METHODS, MethodError, method_class
 from .metrics import classification_report
 from .peft_interop import export_peft, import_peft
-from .prompt import InitError
 from .run import INFO_FILE, ArtifactError, RunInfo, write_atomic
-from .task import GenerationSpec, TaskError, load_task
-from .tasks import ROLES, make_task, score_generations, write_predictions
+from .soft_prompt import InitError
+from .task import ROLES, make_task, score_generations, write_predictions
+from .taskfile import GenerationSpec, TaskError, load_task
 from .template import TemplateError, summarize_cuts
 from .verbalizer import VerbalizerError
 

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .task import TaskError
+from .taskfile import TaskError
 
 CHECKABLE = ("javascript", "python")
 NODE_INSTALL = "install Node.js so that `node` is on PATH (e.g. `apt-get install nodejs`)"

@@ -135,7 +135,7 @@ def _text(record: dict, column: str, where: str) -> str:
     return value
 
 
-def few_shot(examples: list[Example], shots: int, seed: int) -> list[Example]:
+def k_per_label(examples: list[Example], shots: int, seed: int) -> list[Example]:
     """K examples per label, drawn with a fixed seed; source order is kept."""
     by_label: dict[str | None, list[int]] = {}
     for i, example in enumerate(examples):

@@ -18,8 +18,8 @@ from rich.markup import escape
 from .backbone import GEMMA_MODEL, Backbone
 from .codecheck import NODE_INSTALL, node_available, node_metrics
 from .data import DataError, Example, hold_out, load_examples
-from .task import TaskSpec
-from .tasks import Task
+from .task import Task
+from .taskfile import TaskSpec
 
 MAX_WORD_TOKENS = 3  # longer label words: their summed log-probability is low whatever the input
 MAX_IMBALANCE = 3.0  # largest / smallest label count in train

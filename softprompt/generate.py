@@ -26,8 +26,8 @@ import torch
 from transformers import DynamicCache
 
 from .backbone import Backbone, Context, Layout, join_contexts
-from .prompted import Prefix, Prompt, PromptedLM, Row, run_rows
-from .template import Encoded, Template
+from .splice import BatchRow, Prefix, Prompt, PromptedLM, run_rows
+from .template import RenderedRows, Template
 
 
 @dataclass
@@ -43,8 +43,8 @@ class DecodeConfig:
 
 
 @dataclass
-class GenRows:
-    encoded: Encoded
+class GenerationRows:
+    encoded: RenderedRows
     targets: list[list[int]] | None  # target ids incl. the end marker, when known
     target_cut: list[int] = field(default_factory=list)  # per row: target tokens cut to fit
 
@@ -77,17 +77,17 @@ class Generator:
         template = self.template if prompt is not None or not self.template.soft_tokens else self.template.without_soft()
         return Generator(self.backbone, template, prompt, self.max_length, self.max_target_length)
 
-    def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenRows:
+    def encode(self, rows: list[dict[str, str]], targets: list[str] | None = None) -> GenerationRows:
         tokenize = self.backbone.tokenize_many
         encoded = self.template.encode(rows, tokenize, self.max_length, self.backbone.bos_ids)
         if targets is None:
-            return GenRows(encoded, None)
+            return GenerationRows(encoded, None)
         keep = self.max_target_length - 1  # room for the end marker
         full = tokenize([self.template.slot_lead + t for t in targets])
-        return GenRows(encoded, [ids[:keep] + [self.eos_id] for ids in full], [max(0, len(ids) - keep) for ids in full])
+        return GenerationRows(encoded, [ids[:keep] + [self.eos_id] for ids in full], [max(0, len(ids) - keep) for ids in full])
 
     # -- training -----------------------------------------------------------------------------
-    def loss(self, rows: GenRows, index: list[int]) -> torch.Tensor:
+    def loss(self, rows: GenerationRows, index: list[int]) -> torch.Tensor:
         """Mean cross-entropy over the target tokens of a batch."""
         assert rows.targets is not None
         prefix = self.lm.run_prefix(rows.encoded.prefix)
@@ -102,7 +102,7 @@ class Generator:
 
     # -- decoding -----------------------------------------------------------------------------
     def generate(
-        self, rows: GenRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None
+        self, rows: GenerationRows, config: DecodeConfig | None = None, batch_size: int = 8, progress=None
     ) -> list[str]:
         """Decoded answers, in row order."""
         config = config or DecodeConfig()
@@ -110,7 +110,7 @@ class Generator:
 
     @torch.inference_mode()
     def generate_tokens(
-        self, rows: GenRows, config: DecodeConfig, batch_size: int = 8, progress=None
+        self, rows: GenerationRows, config: DecodeConfig, batch_size: int = 8, progress=None
     ) -> list[list[int]]:
         """Generated token ids (end marker included when emitted), in row order."""
         prefix = self.lm.run_prefix(rows.encoded.prefix)
@@ -134,14 +134,14 @@ class Generator:
         self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig, generator
     ) -> list[list[int]]:
         """Greedy or sampled decoding: the one-task case of `Decoding`."""
-        decoding = Decoding([GenRow(self, prefix, body, config) for body in bodies], generator)
+        decoding = Decoding([RowToDecode(self, prefix, body, config) for body in bodies], generator)
         while not decoding.done:
             decoding.step()
         return decoding.generated
 
     def beam_search(self, prefix: Prefix, bodies: list[list[int]], config: DecodeConfig) -> list[list[int]]:
         beams = config.num_beams
-        context, hidden, positions = start_rows([Row(self.lm, prefix, body) for body in bodies])
+        context, hidden, positions = start_rows([BatchRow(self.lm, prefix, body) for body in bodies])
         rows = len(bodies)
         context.repeat_interleave(beams)
         hidden = hidden.repeat_interleave(beams, 0)
@@ -210,7 +210,7 @@ def stopped(backbone: Backbone, tokens: list[int], stop: list[str]) -> bool:
     return False
 
 
-def start_rows(rows: list[Row]) -> tuple[Context, torch.Tensor, torch.Tensor]:
+def start_rows(rows: list[BatchRow]) -> tuple[Context, torch.Tensor, torch.Tensor]:
     """Run the rows' prompts; their context, the hidden states that predict each row's first new
     token, and the position that token will take."""
     out = run_rows(rows)
@@ -243,7 +243,7 @@ def pack_keys(context: Context) -> Context:
 
 
 @dataclass
-class GenRow:
+class RowToDecode:
     """A row to decode: its task's generator, the prefix it follows, its ids, its decoding settings."""
 
     generator: Generator
@@ -260,19 +260,19 @@ class Decoding:
     (`add`), so a server keeps its batch full whatever lengths its answers have. A row is known by its
     number (its place in `rows` and `generated`), which only `compact` changes."""
 
-    def __init__(self, rows: list[GenRow], generator: torch.Generator | None = None) -> None:
+    def __init__(self, rows: list[RowToDecode], generator: torch.Generator | None = None) -> None:
         self.backbone = rows[0].generator.backbone
         self.random = generator if generator is not None else torch.Generator().manual_seed(rows[0].config.seed)
-        self.rows: list[GenRow | None] = []  # None once released
+        self.rows: list[RowToDecode | None] = []  # None once released
         self.generated: list[list[int]] = []
         self.active: list[int] = []  # original row of each batch position
         self.cancelled: set[int] = set()
         self.released = 0  # rows released since the last `compact`
         self.add(rows)
 
-    def add(self, rows: list[GenRow]) -> None:
+    def add(self, rows: list[RowToDecode]) -> None:
         """Run the new rows' prompts; from the next step they decode with the others."""
-        context, hidden, positions = start_rows([Row(r.generator.lm, r.prefix, r.body) for r in rows])
+        context, hidden, positions = start_rows([BatchRow(r.generator.lm, r.prefix, r.body) for r in rows])
         if self.active:
             context = join_contexts([self.context, context])
             hidden, positions = torch.cat([self.hidden, hidden]), torch.cat([self.positions, positions])

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, ModelNotFound, resolve
 from .methods import METHODS, method_class
-from .prompt import SoftPrompt
 from .run import INFO_FILE, ArtifactError, RunInfo, atomic_file, check_model, write_atomic
-from .task import TaskSpec
+from .soft_prompt import SoftPrompt
+from .taskfile import TaskSpec
 from .template import Template
 
 ADAPTER_CONFIG = "adapter_config.json"

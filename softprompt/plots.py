@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .run import atomic_file  # noqa: E402
-from .task import CLASSIFICATION_METRICS, GENERATION_METRICS  # noqa: E402
+from .taskfile import CLASSIFICATION_METRICS, GENERATION_METRICS  # noqa: E402
 
 
 def metric_axis_limits(metric: str) -> tuple[float, float] | None:

@@ -1,249 +1,347 @@
-"""The task file (YAML): which model, template, verbalizer, data and training settings.
+"""A task file bound to a model: its rows split by role, and what the training loop asks of them.
 
-Example::
-
-    model: default
-    template: '{soft:20} Review: {text} Sentiment: {label}'
-    verbalizer: {positive: [positive, great], negative: [negative, bad]}
-    data: {train: train.jsonl, dev: dev.jsonl, label: label, columns: {text: sentence}}
-    init: vocab
-    train: {steps: 300, lr: 0.1}
-
-Relative data paths are read from the task file's folder.
+Rows have one of three roles, never two: `train` rows are learned from; `validation` rows choose
+(validation, early stopping, the kept prompt); `dev` rows are the report, scored once at the end,
+with the kept prompt and with plain zero-shot prompting. By default validation is a seeded slice of train,
+stratified by label, so a file sorted by label still validates on every label; the report is the dev
+file (or a held-out slice of train when there is none). `splits.json` in the run folder records
+which file lines went where.
 """
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import torch
 
-from .data import DataError, read_text
+from . import plots
+from .backbone import Backbone
+from .classify import ClassificationRows, Classifier
+from .codecheck import parses, run_tests
+from .data import DataError, Example, held_out_size, hold_out, k_per_label, load_examples
+from .generate import DecodeConfig, GenerationRows, Generator
+from .metrics import classification_report, generation_scores
+from .run import write_atomic
+from .soft_prompt import SoftPrompt, init_prompt
+from .taskfile import CLASSIFICATION_METRICS, GENERATION_METRICS, GenerationSpec, TaskError, TaskSpec
+from .template import CutSummary, Template, summarize_cuts
+from .verbalizer import Verbalizer
 
-
-class TaskError(ValueError):
-    """The task file is missing, malformed or inconsistent."""
-
-
-class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int | None = Field(300, ge=1, description="optimizer steps; wins over epochs")
-    epochs: float | None = Field(None, gt=0, description="passes over the training set when steps is unset")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(
-        0.03, gt=0, description="peak learning rate (soft prompts want far larger rates than weights)"
-    )
-    label_lr: float = Field(
-        0.0003, gt=0, description="peak learning rate of learned label vectors (label_vectors: true); 0.003 "
-        "moved them too far on SST-2 (README)"
-    )
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
-    eval_every: int = Field(50, ge=1, description="validate every k optimizer steps")
-    eval_limit: int | None = Field(
-        None,
-        ge=1,
-        description="validation rows at most: a seeded sample, stratified by label, of the validation file "
-        "or of train (only that many rows are then held out of training)",
-    )
-    report_limit: int | None = Field(
-        None, ge=1, description="score the final report on at most N dev rows (a seeded, label-stratified sample)"
-    )
-    eval_batch_size: int = Field(
-        16, ge=1, description="rows per evaluation batch (16 measured fastest on 2 CPU cores)"
-    )
-    calibrate: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="contextual calibration of the kept state (classification): auto keeps it when it "
-        "raises the validation metric",
-    )
-    @field_validator("calibrate", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, value):
-        """YAML reads a bare on/off as true/false."""
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-    patience: int = Field(5, ge=1, description="stop after this many validations without improvement")
-    metric: str | None = Field(
-        None,
-        description="validation metric driving early stopping: accuracy | macro_f1 (classification, "
-        "default accuracy); bleu | chrf | rouge_l | exact_match | f1 | parse_rate | pass_rate (generation)",
-    )
-    shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
-    length_bucketing: bool = Field(True, description="batch rows of similar length (less padding, faster)")
-    seed: int = 0
-    max_length: int = Field(
-        512,
-        ge=8,
-        description="tokens of a row's prompt: soft tokens, fixed text (constants included) and input "
-        "fields, which are cut to fit; a generation answer has its own budget, generation.max_target_length",
-    )
+Progress = Callable[[int], None]  # called with the number of rows just done
+ROLES = ("train", "validation", "dev")
 
 
-class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    dev: list[Example]  # the report rows
 
-    train: str
-    dev: str | None = Field(None, description="rows of the final report; never used to choose anything")
-    test: str | None = Field(
-        None, description="rows that `softprompt compare` reports (a test split no selection ever saw); default: dev"
-    )
-    validation: str | None = Field(
-        None,
-        description="rows that choose (validation, early stopping, the kept prompt); default: a seeded "
-        "slice of train, stratified by label",
-    )
-    dev_fraction: float = Field(
-        0.1, gt=0, lt=1, description="with no dev file: share of train held out for the final report"
-    )
-    validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="with no validation file: share of train held out for validation"
-    )
-    label: str = Field("label", description="column holding the label (classification)")
-    target: str = Field("target", description="column holding the answer (generation)")
-    tests: str | None = Field(None, description="column holding a test program per row (execution metric)")
-    columns: dict[str, str] = Field(default_factory=dict, description="template field -> data column")
+    def record(self) -> dict:
+        """For splits.json: per role, how many rows and which lines of which files."""
+        out = {}
+        for role in ROLES:
+            files: dict[str, list[int]] = {}
+            for example in getattr(self, role):
+                path, _, line = example.source.rpartition(":")
+                files.setdefault(path, []).append(int(line))
+            out[role] = {"rows": len(getattr(self, role)), "files": files}
+        return out
 
 
-class GenerationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) -> Splits:
+    """Train, validation and report rows, disjoint; seeded, label-stratified slices; few-shot last."""
+    generation = spec.kind == "generation"
+    by_label = not generation
+    column = spec.data.target if generation else spec.data.label
+    keep = [spec.data.tests] if generation and spec.data.tests else None
+    seed, limit = spec.train.seed, spec.train.eval_limit
 
-    metrics: list[str] = Field(default_factory=lambda: ["bleu", "chrf", "rouge_l"])
-    language: str | None = Field(None, description="javascript | python: check that outputs parse")
-    max_new_tokens: int = Field(128, ge=1)
-    max_target_length: int = Field(
-        256, ge=2, description="answer tokens kept for training, end marker included (separate from max_length)"
-    )
-    num_beams: int = Field(1, ge=1)
-    stop: list[str] = Field(default_factory=list, description="cut answers at the first of these")
+    def read(path: str) -> list[Example]:
+        return load_examples(spec.path(path), template.fields, spec.data.columns, column, labels, keep)
 
-
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
-GENERATION_METRICS = ("bleu", "chrf", "rouge_l", "exact_match", "f1", "parse_rate", "pass_rate")
-
-
-class TaskSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "default"
-    template: str
-    verbalizer: dict[str, list[str] | str] | list[str] | None = None  # None: labels found in the data
-    data: DataSpec
-    constants: dict[str, str] = Field(
-        default_factory=dict,
-        description="template field -> text file whose content fills it in every row (e.g. a policy "
-        "document); constant text before the first input field joins the cached shared prefix",
-    )
-    init: str = Field(
-        "vocab",
-        description='random | vocab | text:"..." | labels | demos | from:RUN (vocab: best on SST-2, see README)',
-    )
-    label_scores: Literal["sum", "mean"] = Field(
-        "sum",
-        description="a label word's score: sum of its tokens' log-probabilities, or their mean (long "
-        "label names are then not penalised)",
-    )
-    label_vectors: bool = Field(
-        False, description="also train one output vector per label word, started from its first token's row (WARP)"
-    )
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    base_dir: str = Field(".", exclude=True)
-
-    @property
-    def kind(self) -> str:
-        """classification when the template has {label}, generation when it has {target}."""
-        return "generation" if "{target}" in self.template.replace(" ", "") else "classification"
-
-    @model_validator(mode="after")
-    def _inline_constants(self) -> TaskSpec:
-        """Write each constant file's text into the template, so the run folder is self-contained."""
-        for name, file in self.constants.items():
-            path = self.path(file)
-            if not path.is_file():
-                raise ValueError(f"constants.{name}: file not found: {path}")
-            text = read_text(path).strip().replace("{", "{{").replace("}", "}}")
-            if "{" + name + "}" not in self.template:
-                raise ValueError(f"constants.{name}: the template has no {{{name}}} field")
-            self.template = self.template.replace("{" + name + "}", text)
-        self.constants = {}
-        return self
-
-    @model_validator(mode="after")
-    def _defaults_by_kind(self) -> TaskSpec:
-        generation = self.kind == "generation"
-        allowed = GENERATION_METRICS if generation else CLASSIFICATION_METRICS
-        if self.train.metric is None:
-            self.train.metric = self.generation.metrics[0] if generation else "accuracy"
-        if self.train.metric not in allowed:
-            raise ValueError(
-                f"train.metric {self.train.metric!r} is not one of {', '.join(allowed)} ({self.kind})"
-            )
-        if generation and self.label_vectors:
-            raise ValueError("label_vectors: a generation task has no labels to learn vectors for")
-        if generation:
-            unknown = [m for m in self.generation.metrics if m not in GENERATION_METRICS]
-            if unknown:
-                raise ValueError(
-                    f"generation.metrics: unknown {unknown}; use {', '.join(GENERATION_METRICS)}"
-                )
-            if self.train.metric not in self.generation.metrics:
-                self.generation.metrics.append(self.train.metric)
-        return self
-
-    @field_validator("verbalizer")
-    @classmethod
-    def _labels_are_text(cls, value):
-        if value is None:
-            return None
-        if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-        return [str(v) for v in value]
-
-    def path(self, relative: str) -> Path:
-        path = Path(relative).expanduser()
-        # normpath: error messages and prediction files then name ../shared/x, not examples/../../shared/x
-        return Path(os.path.normpath(path if path.is_absolute() else Path(self.base_dir) / path))
+    train = read(spec.data.train)
+    read_rows = len(train)
+    if spec.data.dev:
+        dev = read(spec.data.dev)
+    else:
+        train, dev = hold_out(train, held_out_size(len(train), spec.data.dev_fraction, None), seed, by_label)
+    if spec.data.validation:
+        validation = read(spec.data.validation)
+        if limit:
+            validation = hold_out(validation, limit, seed, by_label, leave_one=False)[1]
+    else:
+        size = held_out_size(len(train), spec.data.validation_fraction, limit)
+        train, validation = hold_out(train, size, seed + 1, by_label)
+    if spec.train.report_limit:
+        dev = hold_out(dev, spec.train.report_limit, seed, by_label, leave_one=False)[1]
+    if spec.train.shots:
+        train = k_per_label(train, spec.train.shots, seed)
+    splits = Splits(train, validation, dev)
+    _refuse_empty(splits, spec, read_rows)
+    return splits
 
 
-def load_task(path: str | Path, overrides: dict | None = None) -> TaskSpec:
-    """Read a task file; `overrides` (from CLI flags) replace top-level or `train.` settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"{path}: task file not found")
-    try:
-        raw = yaml.safe_load(read_text(path))  # not UTF-8: the message data files get (line, byte, column)
-    except DataError as err:
-        raise TaskError(str(err)) from err
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise TaskError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
-    if not isinstance(raw, dict):
-        raise TaskError(f"{path}: expected a mapping of settings")
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key in TrainSettings.model_fields:
-            raw.setdefault("train", {})
-            raw["train"] = {**(raw["train"] or {}), key: value}
-        else:
-            raw[key] = value
-    raw["base_dir"] = str(path.resolve().parent)
-    try:
-        return TaskSpec.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(
-            (f"field {'.'.join(map(str, e['loc']))}: " if e["loc"] else "")
-            + e["msg"].removeprefix("Value error, ")
-            for e in err.errors()
+def _refuse_empty(splits: Splits, spec: TaskSpec, read_rows: int) -> None:
+    """Too few rows to give every role one: say how many are needed rather than fail later."""
+    empty = [role for role in ROLES if not getattr(splits, role)]
+    if not empty:
+        return
+    message = f"{spec.path(spec.data.train)}: {read_rows} rows leave no {' and no '.join(empty)} rows."
+    taken = [f"data.{role}" for role, path in (("dev", spec.data.dev), ("validation", spec.data.validation)) if not path]
+    if taken:
+        unit = "rows per label" if spec.kind == "classification" else "rows"
+        message += (
+            f" With no {' or '.join(taken)} file those rows are taken out of the training file, and each label "
+            f"keeps at least one row for training: give at least {len(taken) + 1} {unit} (8 per label or more to "
+            f"learn anything measurable), or name the {' and '.join(taken)} file{'s' if len(taken) > 1 else ''}."
         )
-        raise TaskError(f"{path}: {problems}") from err
+    raise TaskError(message)
+
+
+def summarize(report: dict) -> dict:
+    """The headline numbers of a report (what metrics.jsonl and the console show)."""
+    return {k: report[k] for k in ("n", *CLASSIFICATION_METRICS, *GENERATION_METRICS) if k in report}
+
+
+class Task:
+    """What the two kinds share: rows by role, the current prompt, validation and the final report."""
+
+    kind: str
+    init_words: list[str] = []
+
+    def __init__(self, spec: TaskSpec, backbone: Backbone, model, splits: Splits) -> None:
+        self.spec = spec
+        self.model = model
+        self.splits = splits
+        self.template: Template = model.template
+        self._check_context(backbone)
+        self.rows = {role: self.encode(model, getattr(splits, role), role == "train") for role in ROLES}
+
+    def _check_context(self, backbone: Backbone) -> None:
+        need = self.spec.train.max_length + self.answer_budget()
+        if backbone.max_positions and need > backbone.max_positions:
+            raise TaskError(
+                f"train.max_length {self.spec.train.max_length} + {self.answer_budget()} answer tokens = {need}, "
+                f"more than the {backbone.max_positions} positions model {self.spec.model} can read"
+            )
+
+    # -- what the loop asks for ---------------------------------------------------------------
+    def use_method(self, method) -> None:
+        """Put a training method (methods/) in the model: its prompt, prefix or calibration."""
+        self.model = method.apply(self.model)
+        if method.label_rows is not None:
+            self.model = self.model.with_label_rows(method.label_rows)
+
+    def lengths(self) -> list[int]:
+        """Tokens per training row, for length bucketing."""
+        raise NotImplementedError
+
+    def start_prompt(self, backbone: Backbone) -> SoftPrompt:
+        """The soft prompt the task's `init` asks for, as long as the template's soft tokens."""
+        spec = self.spec
+        demos = self.demonstrations() if spec.init == "demos" else None
+        return init_prompt(spec.init, self.template.soft_tokens, backbone, self.init_words, spec.train.seed, demos)
+
+    def demonstrations(self) -> list[str]:
+        """Training rows as plain text with their answers, shortest first, taking the labels in turn
+        (init `demos`: the prompt starts as the embeddings of what the task looks like done)."""
+        by_answer: dict[str, list[Example]] = {}
+        for example in sorted(self.splits.train, key=lambda e: (len(self.template.render(e.fields, "")), e.source)):
+            by_answer.setdefault(self.demo_group(example), []).append(example)
+        queues = list(by_answer.values())
+        turns = [queue[k] for k in range(max(map(len, queues), default=0)) for queue in queues if k < len(queue)]
+        return [self.template.render(e.fields, self.answer_text(e)) for e in turns]
+
+    def demo_group(self, example: Example) -> str:
+        """Demonstrations take these groups in turn (a classification task's labels)."""
+        return ""
+
+    def answer_text(self, example: Example) -> str:
+        return str(example.label)
+
+    def loss(self, index: list[int]) -> torch.Tensor:
+        return self.model.loss(self.rows["train"], index)
+
+    def validate(self, progress: Progress | None = None) -> dict:
+        return summarize(self.score(self.model, "validation", progress))
+
+    def zero_shot(self, role: str, progress: Progress | None = None) -> dict:
+        """The same template without its soft tokens (plain prompting) on the rows of `role`."""
+        return summarize(self.score(self.model.with_prompt(None), role, progress))
+
+    def dev_zero_shot(self, run: Path, progress: Progress | None = None) -> dict:
+        """Zero-shot prompting on the report rows (training scores it before the first step)."""
+        return self.zero_shot("dev", progress)
+
+    def target_cuts(self) -> int:
+        """Training rows whose answer was cut (generation only)."""
+        return 0
+
+    def cuts(self) -> list[tuple[str, CutSummary]]:
+        """Per role, how much input the length budget cut (roles with no cut left out)."""
+        out = []
+        for role in ROLES:
+            sources = [e.source for e in getattr(self.splits, role)]
+            summary = summarize_cuts(self.rows[role].encoded, sources)
+            if summary is not None:
+                out.append((role, summary))
+        return out
+
+    # -- per kind ------------------------------------------------------------------------------
+    def answer_budget(self) -> int:
+        """Tokens the answer may add to a row's prompt."""
+        raise NotImplementedError
+
+    def encode(self, model, examples: list[Example], with_answers: bool):
+        raise NotImplementedError
+
+    def score(self, model, role: str, progress: Progress | None = None) -> dict:
+        raise NotImplementedError
+
+    def _rows_for(self, model, role: str):
+        """Rows of `role` rendered for `model` (re-rendered when its template differs, e.g. zero-shot)."""
+        if model.template is self.template:
+            return self.rows[role]
+        return self.encode(model, getattr(self.splits, role), False)
+
+
+class ClassificationTask(Task):
+    kind = "classification"
+
+    def __init__(self, spec: TaskSpec, backbone: Backbone) -> None:
+        template = Template.parse(spec.template)
+        verbalizer = Verbalizer.from_spec(spec.verbalizer) if spec.verbalizer else None
+        splits = read_splits(spec, template, verbalizer.labels if verbalizer else None)
+        if verbalizer is None:  # labels found in the training data, each said by its own name
+            names = sorted({str(e.label) for e in splits.train})
+            verbalizer = Verbalizer.from_spec({n: [n.replace("_", " ")] for n in names})
+            bad = next((e for e in splits.validation + splits.dev if e.label not in verbalizer.words), None)
+            if bad is not None:
+                raise DataError(f"{bad.source}: label {bad.label!r} does not occur in the training data")
+        self.verbalizer = verbalizer
+        self.init_words = verbalizer.all_words()
+        model = Classifier(
+            backbone, template, verbalizer, None, spec.train.max_length, length_norm=spec.label_scores == "mean"
+        )
+        super().__init__(spec, backbone, model, splits)
+
+    def answer_budget(self) -> int:
+        return max(len(ids) for ids in self.model.choices.ids)
+
+    def demo_group(self, example: Example) -> str:
+        return str(example.label)
+
+    def answer_text(self, example: Example) -> str:
+        return self.verbalizer.words[str(example.label)][0]
+
+    def encode(self, model: Classifier, examples: list[Example], with_answers: bool) -> ClassificationRows:
+        return model.encode([e.fields for e in examples], [str(e.label) for e in examples])
+
+    def lengths(self) -> list[int]:
+        enc = self.rows["train"].encoded
+        return [len(b) + len(a) for b, a in zip(enc.bodies, enc.afters)]
+
+    def score(self, model: Classifier, role: str, progress: Progress | None = None) -> dict:
+        rows = self._rows_for(model, role)
+        probs = model.predict_proba(rows, self.spec.train.eval_batch_size, progress)
+        return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
+
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept state on the dev rows; the confusion-matrix figure."""
+        report = self.score(self.model, "dev", progress)
+        plots.confusion_matrix(report["confusion"], report["labels"], run / "confusion_matrix.png")
+        return {"dev": report}
+
+    def describe(self) -> dict:
+        return {"verbalizer": self.verbalizer.words, "label_column": self.spec.data.label}
+
+
+class GenerationTask(Task):
+    kind = "generation"
+
+    def __init__(self, spec: TaskSpec, backbone: Backbone) -> None:
+        template = Template.parse(spec.template, slot="target")
+        splits = read_splits(spec, template, None)
+        gen = spec.generation
+        model = Generator(backbone, template, None, spec.train.max_length, gen.max_target_length)
+        self.decode = DecodeConfig(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, stop=gen.stop)
+        super().__init__(spec, backbone, model, splits)
+
+    def answer_budget(self) -> int:
+        return max(self.spec.generation.max_target_length, self.spec.generation.max_new_tokens)
+
+    def encode(self, model: Generator, examples: list[Example], with_answers: bool) -> GenerationRows:
+        targets = [str(e.label) for e in examples] if with_answers else None
+        return model.encode([e.fields for e in examples], targets)
+
+    def lengths(self) -> list[int]:
+        rows = self.rows["train"]
+        assert rows.targets is not None
+        return [len(b) + len(t) for b, t in zip(rows.encoded.bodies, rows.targets)]
+
+    def score(self, model: Generator, role: str, progress: Progress | None = None) -> dict:
+        predictions = model.generate(
+            self._rows_for(model, role), self.decode, self.spec.train.eval_batch_size, progress
+        )
+        examples = getattr(self.splits, role)
+        return score_generations(predictions, examples, self.spec.generation, self.spec.data.tests)
+
+    def final(self, run: Path, progress: Progress | None = None) -> dict:
+        """The kept state on the dev rows, each row's answers written."""
+        report = self.score(self.model, "dev", progress)
+        write_predictions(run / "dev_predictions.jsonl", report.pop("rows"))
+        return {"dev": report}
+
+    def dev_zero_shot(self, run: Path, progress: Progress | None = None) -> dict:
+        """Zero-shot prompting on the dev rows, each row's answers written."""
+        report = self.score(self.model.with_prompt(None), "dev", progress)
+        write_predictions(run / "dev_zero_shot_predictions.jsonl", report.pop("rows"))
+        return summarize(report)
+
+    def target_cuts(self) -> int:
+        """Training rows whose answer was cut to generation.max_target_length."""
+        return sum(1 for c in self.rows["train"].target_cut if c)
+
+    def describe(self) -> dict:
+        return {
+            "generation": self.spec.generation.model_dump(),
+            "target_column": self.spec.data.target,
+            "tests_column": self.spec.data.tests,
+        }
+
+
+def score_generations(
+    predictions: list[str], examples: list[Example], gen: GenerationSpec, tests_column: str | None
+) -> dict:
+    """Metrics named in the task, plus per-row records (prediction, reference, checks)."""
+    references = [str(e.label) for e in examples]
+    report: dict = {"n": len(examples), **generation_scores(predictions, references, gen.metrics)}
+    rows = [
+        {"prediction": p, "reference": r, "source": e.source}
+        for p, r, e in zip(predictions, references, examples)
+    ]
+    if "parse_rate" in gen.metrics and gen.language:
+        checks = [parses(p, gen.language) for p in predictions]
+        if all(c is not None for c in checks):
+            report["parse_rate"] = 100 * sum(map(bool, checks)) / max(1, len(checks))
+            for row, ok in zip(rows, checks):
+                row["parses"] = ok
+    if "pass_rate" in gen.metrics and tests_column:
+        results = [run_tests(p, e.extra[tests_column]) for p, e in zip(predictions, examples)]
+        report["pass_rate"] = 100 * sum(r.passed for r in results) / max(1, len(results))
+        for row, result in zip(rows, results):
+            row["passed"] = result.passed
+    report["rows"] = rows
+    return report
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def make_task(spec: TaskSpec, backbone: Backbone) -> Task:
+    return (GenerationTask if spec.kind == "generation" else ClassificationTask)(spec, backbone)

@@ -71,7 +71,7 @@ def _merge_text(segments: list[Segment]) -> list[Segment]:
 
 
 @dataclass
-class Encoded:
+class RenderedRows:
     """A batch of rows rendered to ids.
 
     prefix: ids shared by every row (soft tokens and fixed text before the first field); the
@@ -123,7 +123,7 @@ class CutSummary:
         return f"[yellow]{self.describe(what, budget)}"
 
 
-def summarize_cuts(encoded: Encoded, sources: list[str] | None = None) -> CutSummary | None:
+def summarize_cuts(encoded: RenderedRows, sources: list[str] | None = None) -> CutSummary | None:
     """None when no row was cut."""
     if not encoded.truncated:
         return None
@@ -233,7 +233,7 @@ class Template:
         tokenize: Callable[[list[str]], list[list[int]]],
         max_length: int,
         bos: list[int] | None = None,
-    ) -> Encoded:
+    ) -> RenderedRows:
         """Render rows to ids. Fields are cut (longest first) so a row fits `max_length`;
         soft tokens, fixed text and the answer slot are never cut."""
         pieces = self._pieces(rows, tokenize)
@@ -264,7 +264,7 @@ class Template:
                 )
             bodies = [[prefix[-1], *body] for body in bodies]
             prefix = prefix[:-1]
-        return Encoded(prefix, bodies, afters, sizes, cuts)
+        return RenderedRows(prefix, bodies, afters, sizes, cuts)
 
     def _check_room(self, fixed: int, n_fields: int, max_length: int) -> None:
         """Refuse a budget that the soft tokens and fixed text (a constant document included) fill."""

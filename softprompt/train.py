@@ -35,8 +35,8 @@ from .codecheck import node_metrics, require_node
 from .doctor import diagnose
 from .methods import DEFAULT_METHOD, Method, method_class
 from .run import INFO_FILE, RunInfo, atomic_file, write_atomic
-from .task import TaskError, TaskSpec, TrainSettings
-from .tasks import Task, make_task, summarize
+from .task import Task, make_task, summarize
+from .taskfile import TaskError, TaskSpec, TrainSettings
 
 CHECKPOINT = "checkpoint"
 METRICS_FILE = "metrics.jsonl"

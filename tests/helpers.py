@@ -70,8 +70,8 @@ def reference_label_scores(clf, encoded, row: int, mean: bool = False):
 def write_run(folder, backbone, template: str, verbalizer=None, seed: int = 0, max_length: int = 128, generation=None):
     """A run folder as `train` leaves it (task.json + prompt.safetensors), with a seeded vocab-init
     prompt instead of a trained one: for tests of what uses runs (serving), not of training."""
-    from softprompt.prompt import init_prompt
     from softprompt.run import RunInfo
+    from softprompt.soft_prompt import init_prompt
     from softprompt.template import Template
 
     kind = "generation" if "{target}" in template else "classification"

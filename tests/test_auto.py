@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from softprompt.auto import AutoError, Costs, plan_stages, run_auto
 from softprompt.cli import app
 from softprompt.run import RunInfo
-from softprompt.task import load_task
+from softprompt.taskfile import load_task
 
 from helpers import quiet, write_task
 

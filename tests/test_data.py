@@ -1,6 +1,6 @@
 import pytest
 
-from softprompt.data import DataError, few_shot, held_out_size, hold_out, load_examples
+from softprompt.data import DataError, held_out_size, hold_out, k_per_label, load_examples
 
 
 def write(path, text):
@@ -55,9 +55,9 @@ def test_unknown_format_is_refused(tmp_path):
 def test_few_shot_takes_k_per_label_reproducibly(tmp_path):
     lines = "".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(20))
     rows = load_examples(write(tmp_path / "d.jsonl", lines), ["text"])
-    picked = few_shot(rows, 3, seed=1)
+    picked = k_per_label(rows, 3, seed=1)
     assert sorted(r.label for r in picked) == ["a"] * 3 + ["b"] * 3
-    assert [r.fields for r in picked] == [r.fields for r in few_shot(rows, 3, seed=1)]
+    assert [r.fields for r in picked] == [r.fields for r in k_per_label(rows, 3, seed=1)]
 
 
 def test_hold_out_is_disjoint_seeded_and_gives_every_label_its_share(tmp_path):

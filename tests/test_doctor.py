@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from softprompt.cli import app
 from softprompt.doctor import chance_finding, diagnose
-from softprompt.task import TaskSpec, load_task
-from softprompt.tasks import make_task
+from softprompt.task import make_task
+from softprompt.taskfile import TaskSpec, load_task
 from softprompt.train import train
 
 from helpers import write_task

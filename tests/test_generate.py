@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from softprompt.generate import DecodeConfig, Decoding, Generator, GenRow, answer_text, stopped
-from softprompt.prompt import init_prompt
+from softprompt.generate import DecodeConfig, Decoding, Generator, RowToDecode, answer_text, stopped
+from softprompt.soft_prompt import init_prompt
 from softprompt.template import Template, TemplateError
 
 from helpers import transformers_greedy
@@ -192,7 +192,7 @@ def _joining_rows(backbone, n: int):
         gen = gens[k % 2]
         enc = gen.encode([ROWS[k % len(ROWS)]]).encoded
         config = DecodeConfig(max_new_tokens=2 + (5 * k) % 9)  # 2 to 10 tokens: rows finish at different steps
-        rows.append(GenRow(gen, gen.lm.run_prefix(enc.prefix), enc.bodies[0], config))
+        rows.append(RowToDecode(gen, gen.lm.run_prefix(enc.prefix), enc.bodies[0], config))
     return rows
 
 

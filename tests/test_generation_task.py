@@ -56,8 +56,8 @@ def test_inputs_reach_the_model_whole_in_training_and_in_use(gen_run, tiny_backb
     """The default budgets leave every input whole (the target has its own budget); training rows,
     validation rows and rows in use render the same input text."""
     from softprompt.artifact import load_run
-    from softprompt.task import load_task
-    from softprompt.tasks import make_task
+    from softprompt.task import make_task
+    from softprompt.taskfile import load_task
 
     task = make_task(load_task(gen_run / "task.yaml"), tiny_backbone)
     for role in ("train", "validation", "dev"):
@@ -87,8 +87,8 @@ def test_eval_scores_execution_and_writes_per_row_predictions(gen_run):
 @pytest.mark.skipif(not node_available(), reason="node not installed")
 def test_a_correct_javascript_answer_passes_its_tests_and_a_wrong_one_fails():
     from softprompt.data import Example
-    from softprompt.task import GenerationSpec
-    from softprompt.tasks import score_generations
+    from softprompt.task import score_generations
+    from softprompt.taskfile import GenerationSpec
 
     examples = [
         Example({"code": p}, j, f"dev.jsonl:{i + 1}", {"tests": TESTS[p.split()[1].split("(")[0]]})

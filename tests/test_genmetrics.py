@@ -60,8 +60,8 @@ def test_pass_rate_without_node_is_a_clear_user_error_saying_how_to_install_it(m
     naming node, pass_rate and the install command."""
     from softprompt import codecheck
     from softprompt.data import Example
-    from softprompt.task import GenerationSpec, TaskError
-    from softprompt.tasks import score_generations
+    from softprompt.task import score_generations
+    from softprompt.taskfile import GenerationSpec, TaskError
 
     _no_node(monkeypatch, tmp_path)
     tests = "const assert = require('node:assert');\nassert.deepEqual(add(2, 3), 5);\n"
@@ -76,8 +76,8 @@ def test_pass_rate_without_node_is_a_clear_user_error_saying_how_to_install_it(m
 
 def test_parse_rate_of_javascript_without_node_is_left_out_not_guessed(monkeypatch, tmp_path):
     from softprompt.data import Example
-    from softprompt.task import GenerationSpec
-    from softprompt.tasks import score_generations
+    from softprompt.task import score_generations
+    from softprompt.taskfile import GenerationSpec
 
     _no_node(monkeypatch, tmp_path)
     assert parses("function f() {}", "javascript") is None

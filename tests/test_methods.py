@@ -13,10 +13,10 @@ from softprompt.artifact import load_run
 from softprompt.backbone import Backbone
 from softprompt.methods import METHODS, method_class
 from softprompt.methods.prefix import PREFIX_FILE
-from softprompt.prompt import SoftPrompt
 from softprompt.run import ArtifactError, RunInfo
-from softprompt.task import TaskError, load_task
-from softprompt.tasks import ClassificationTask
+from softprompt.soft_prompt import SoftPrompt
+from softprompt.task import ClassificationTask
+from softprompt.taskfile import TaskError, load_task
 from softprompt.train import CHECKPOINT, _task_for, train
 
 from helpers import quiet, train_stopped_and_resumed, write_task

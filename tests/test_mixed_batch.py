@@ -5,9 +5,9 @@ they are the same. Checked on the tiny Llama and the tiny Gemma 3 (BOS, sliding-
 import pytest
 import torch
 
-from softprompt.classify import Classifier, LabelRow, label_scores
-from softprompt.generate import DecodeConfig, Decoding, Generator, GenRow
-from softprompt.prompt import init_prompt
+from softprompt.classify import Classifier, RowToScore, label_scores
+from softprompt.generate import DecodeConfig, Decoding, Generator, RowToDecode
+from softprompt.soft_prompt import init_prompt
 from softprompt.template import Template
 from softprompt.verbalizer import Verbalizer
 
@@ -44,7 +44,7 @@ def _classifiers(backbone):
 
 def _label_row(clf, text):
     enc = clf.encode([{"text": text}]).encoded
-    return LabelRow(clf, clf.prefix(enc), enc.bodies[0], enc.afters[0])
+    return RowToScore(clf, clf.prefix(enc), enc.bodies[0], enc.afters[0])
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def _gen_rows(backbone):
         gen = Generator(backbone, t, init_prompt("vocab", t.soft_tokens, backbone, seed=seed + 5))
         for text in TEXTS:
             enc = gen.encode([{"input": text}]).encoded
-            rows.append(GenRow(gen, gen.lm.run_prefix(enc.prefix), enc.bodies[0], config))
+            rows.append(RowToDecode(gen, gen.lm.run_prefix(enc.prefix), enc.bodies[0], config))
     return rows
 
 

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from softprompt.artifact import load_classifier
 from softprompt.cli import app
 from softprompt.peft_interop import SIDECAR, export_peft, import_peft
-from softprompt.prompt import SoftPrompt
 from softprompt.run import ArtifactError, RunInfo
-from softprompt.task import load_task
+from softprompt.soft_prompt import SoftPrompt
+from softprompt.taskfile import load_task
 from softprompt.train import train
 
 from helpers import quiet, write_task

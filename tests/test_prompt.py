@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from softprompt.prompt import InitError, SoftPrompt, init_prompt
+from softprompt.soft_prompt import InitError, SoftPrompt, init_prompt
 
 
 @pytest.mark.parametrize("spec", ["random", "vocab", 'text:"Classify the review"', "labels"])

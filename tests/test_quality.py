@@ -12,9 +12,9 @@ from softprompt.artifact import load_run
 from softprompt.backbone import Backbone
 from softprompt.classify import Classifier
 from softprompt.methods import method_class
-from softprompt.prompt import init_prompt
 from softprompt.run import RunInfo
-from softprompt.task import TaskError, load_task
+from softprompt.soft_prompt import init_prompt
+from softprompt.taskfile import TaskError, load_task
 from softprompt.template import Template
 from softprompt.train import _task_for, train
 from softprompt.verbalizer import Verbalizer

@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from softprompt.prompt import SoftPrompt
 from softprompt.run import RunInfo
-from softprompt.task import TaskError, load_task
-from softprompt.tasks import ClassificationTask
+from softprompt.soft_prompt import SoftPrompt
+from softprompt.task import ClassificationTask
+from softprompt.taskfile import TaskError, load_task
 from softprompt.train import CHECKPOINT, train
 
 from helpers import quiet, write_task

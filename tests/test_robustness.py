@@ -12,7 +12,7 @@ from softprompt.backbone import Backbone, ModelNotFound, hub_reachable
 from softprompt.cli import app
 from softprompt.data import DataError, read_records
 from softprompt.plots import learning_curve, metric_axis_limits
-from softprompt.task import TaskError, load_task
+from softprompt.taskfile import TaskError, load_task
 
 from helpers import write_task
 
@@ -177,7 +177,7 @@ def test_folder_that_is_not_a_model_is_model_not_found(tmp_path, tiny_model_dir,
 
 
 def test_a_constants_file_that_is_not_utf8_names_its_line(tmp_path, tiny_model_dir):
-    from softprompt.task import TaskError, load_task
+    from softprompt.taskfile import TaskError, load_task
 
     from helpers import write_task
 

@@ -7,7 +7,7 @@ import torch
 from softprompt.backbone import Backbone
 from softprompt.methods import method_class
 from softprompt.run import atomic_file, write_atomic
-from softprompt.task import load_task
+from softprompt.taskfile import load_task
 from softprompt.train import _task_for
 
 from helpers import write_task
@@ -32,7 +32,7 @@ def test_the_temporary_file_keeps_the_suffix_writers_choose_their_format_by(tmp_
 
 # each method's save, and the library call it writes its tensors with
 WRITERS = {
-    "prompt": "softprompt.prompt.save_file",
+    "prompt": "softprompt.soft_prompt.save_file",
     "prefix": "softprompt.methods.prefix.save_file",
     "lora": "softprompt.methods.lora.save_file",
     "full": "softprompt.methods.full.save_model",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt.classify import Classifier
-from softprompt.prompt import init_prompt
+from softprompt.soft_prompt import init_prompt
 from softprompt.template import Template
 from softprompt.verbalizer import Verbalizer
 

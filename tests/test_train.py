@@ -6,8 +6,8 @@ from softprompt.artifact import load_classifier
 from softprompt.backbone import Backbone
 from softprompt.classify import Classifier
 from softprompt.run import ArtifactError
-from softprompt.task import TaskError, load_task
-from softprompt.tasks import ClassificationTask
+from softprompt.task import ClassificationTask
+from softprompt.taskfile import TaskError, load_task
 from softprompt.template import Template
 from softprompt.train import CHECKPOINT, train
 from softprompt.verbalizer import Verbalizer
@@ -173,7 +173,7 @@ def test_without_a_verbalizer_the_labels_in_the_data_speak_for_themselves(
 
 
 def test_constant_files_fill_a_field_and_join_the_shared_prefix(tmp_path, tiny_model_dir, tiny_backbone):
-    from softprompt.tasks import make_task
+    from softprompt.task import make_task
 
     (tmp_path / "policy.md").write_text("Refunds within {7} days.")
     task = write_task(tmp_path, tiny_model_dir, steps=1)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from softprompt import train as train_module
-from softprompt.task import TrainSettings, load_task
-from softprompt.tasks import Task
+from softprompt.task import Task
+from softprompt.taskfile import TrainSettings, load_task
 from softprompt.train import lr_at, train
 
 from helpers import quiet, write_task

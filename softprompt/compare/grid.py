@@ -240,7 +240,7 @@ def final_cells(plan: Plan, chosen: dict[str, float | None]) -> list[Cell]:
 
 def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
     """Run (or resume) the whole grid; returns every cell's record and the report's meta."""
-    from ..task import load_task
+    from ..taskfile import load_task
 
     spec = load_task(plan.task)  # refuses a bad task file before any cell starts
     kind = spec.kind

@@ -32,7 +32,7 @@ from rich.text import Text  # noqa: E402
 
 from ..plots import metric_axis_limits  # noqa: E402
 from ..run import atomic_file, write_atomic  # noqa: E402
-from ..task import CLASSIFICATION_METRICS  # noqa: E402
+from ..taskfile import CLASSIFICATION_METRICS  # noqa: E402
 
 FRACTION_METRICS = CLASSIFICATION_METRICS  # stored as 0..1, shown as percentages
 NOT_METRICS = ("n", "labels", "confusion")  # entries of a cell's `test` that are not scores

@@ -23,7 +23,7 @@ from ..template import Template
 
 if TYPE_CHECKING:
     from ..run import RunInfo
-    from ..tasks import Task
+    from ..task import Task
 
 
 LABELS_FILE = "labels.safetensors"  # learned label vectors, [C, H] fp32 tensor `label_rows`

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backbone import Backbone
-from ..prompt import SoftPrompt
+from ..soft_prompt import SoftPrompt
 from .prompt_tuning import PromptTuning
 
 

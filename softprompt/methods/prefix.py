@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone, KeyValues
-from ..prompted import PromptedLM
 from ..run import ArtifactError, atomic_file
+from ..splice import PromptedLM
 from ..template import soft_id
 from .base import Method, soft_span
 

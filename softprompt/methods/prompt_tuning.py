@@ -8,8 +8,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..backbone import Backbone
-from ..prompt import PROMPT_FILE, SoftPrompt
 from ..run import ArtifactError, RunInfo
+from ..soft_prompt import PROMPT_FILE, SoftPrompt
 from .base import Method
 
 

@@ -24,12 +24,12 @@ import torch
 
 from ..artifact import load_run
 from ..backbone import Backbone
-from ..classify import Classifier, LabelRow, label_scores
-from ..generate import DecodeConfig, Decoding, Generator, GenRow
+from ..classify import Classifier, RowToScore, label_scores
+from ..generate import DecodeConfig, Decoding, Generator, RowToDecode
 from ..methods import MethodError, method_class
-from ..prompted import Prefix
 from ..run import ArtifactError, RunInfo
-from ..template import Encoded
+from ..splice import Prefix
+from ..template import RenderedRows
 from .prefix_cache import PrefixCache, content_key
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -99,7 +99,7 @@ class Prepared:
     """A task's rows rendered to ids, with their prefix (cached by content)."""
 
     task: ServedTask
-    encoded: Encoded  # its `cut`: input tokens cut per row to fit the run's max_length
+    encoded: RenderedRows  # its `cut`: input tokens cut per row to fit the run's max_length
     prefix: Prefix
 
     def prompt_tokens(self, row: int) -> int:
@@ -189,7 +189,7 @@ class TaskBank:
     def classify_prepared(self, batch: list[Prepared]) -> list[torch.Tensor]:
         """Label probabilities of every row of every prepared request, as one batch."""
         rows = [
-            LabelRow(p.task.model, p.prefix, body, after)
+            RowToScore(p.task.model, p.prefix, body, after)
             for p in batch
             for body, after in zip(p.encoded.bodies, p.encoded.afters)
         ]
@@ -215,8 +215,8 @@ class TaskBank:
         decoding.add(self._gen_rows(batch))
 
     @staticmethod
-    def _gen_rows(batch: list[tuple[Prepared, DecodeConfig]]) -> list[GenRow]:
-        return [GenRow(p.task.model, p.prefix, body, config) for p, config in batch for body in p.encoded.bodies]
+    def _gen_rows(batch: list[tuple[Prepared, DecodeConfig]]) -> list[RowToDecode]:
+        return [RowToDecode(p.task.model, p.prefix, body, config) for p, config in batch for body in p.encoded.bodies]
 
     @torch.inference_mode()
     def generate(self, items: list[tuple[str, dict[str, str]]], **overrides) -> list[str]:

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..prompted import Prefix
+from ..splice import Prefix
 
 
 def content_key(digest: str, prefix_ids: list[int]) -> str:

@@ -6,7 +6,7 @@ with batch size one, and its key/value cache is shared by every row of a batch. 
 gradient flows back through that shared cache, so the soft prompt is still learned exactly, while
 each row only pays for its own tokens.
 
-A batch is a list of `Row`s, and each row brings its own prompted model and prefix: rows of
+A batch is a list of `BatchRow`s, and each row brings its own prompted model and prefix: rows of
 different tasks (prompts, prefix lengths) run in one forward pass. Each row's prefix keys are
 right-padded to the longest prefix and its own tokens start at its own prefix length, so the
 position-based masks of `backbone.Layout` make every row see exactly what it would see alone. One
@@ -79,7 +79,7 @@ def batch_context(backbone: Backbone, prefixes: list[Prefix]) -> Context | None:
 
 
 @dataclass
-class RowsOutput:
+class BatchOutput:
     hidden: torch.Tensor  # [B, S, H] final hidden states of the rows' own tokens
     context: Context  # keys/values of prefix + rows, for continuing
     mask: torch.Tensor  # [B, S] 1 on real tokens
@@ -142,9 +142,9 @@ class PromptedLM:
         _, context = self.backbone.run(self.splice(torch.tensor([ids])), layout, context)
         return context
 
-    def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> RowsOutput:
+    def run_rows(self, prefix: Prefix, rows: list[list[int]]) -> BatchOutput:
         """Rows of this model only, all after one prefix: the one-task case of `run_rows`."""
-        return run_rows([Row(self, prefix, ids) for ids in rows])
+        return run_rows([BatchRow(self, prefix, ids) for ids in rows])
 
 
 def _with_keys(backbone: Backbone, context: Context | None, kv: KeyValues, first: int) -> Context:
@@ -159,7 +159,7 @@ def _with_keys(backbone: Backbone, context: Context | None, kv: KeyValues, first
 
 
 @dataclass
-class Row:
+class BatchRow:
     """One row of a batch: the prompted model of its task, the prefix it follows and its own ids."""
 
     lm: PromptedLM
@@ -172,7 +172,7 @@ class Row:
     groups: list[int] | None = None
 
 
-def splice_rows(rows: list[Row], ids: torch.Tensor) -> torch.Tensor:
+def splice_rows(rows: list[BatchRow], ids: torch.Tensor) -> torch.Tensor:
     """[B, S] ids -> embeddings, each row spliced with its own model's soft prompt."""
     groups: dict[int, list[int]] = {}
     for r, row in enumerate(rows):
@@ -186,7 +186,7 @@ def splice_rows(rows: list[Row], ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).index_select(0, inverse.to(parts[0].device))
 
 
-def run_rows(rows: list[Row]) -> RowsOutput:
+def run_rows(rows: list[BatchRow]) -> BatchOutput:
     """Run each row after its own prefix; rows are right-padded and may belong to different tasks."""
     backbone = rows[0].lm.backbone
     ids, mask = pad([row.ids for row in rows])
@@ -196,4 +196,4 @@ def run_rows(rows: list[Row]) -> RowsOutput:
     layout = Layout.of(starts.unsqueeze(1) + offsets, mask, groups)
     context = batch_context(backbone, [row.prefix for row in rows])
     hidden, context = backbone.run(splice_rows(rows, ids), layout, context)
-    return RowsOutput(hidden, context, mask, mask.sum(1), starts)
+    return BatchOutput(hidden, context, mask, mask.sum(1), starts)
