@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from .backbone import Backbone, Context, Layout, join_contexts
+from .backbone import Backbone, Context, Layout, join_contexts, pack_keys
 from .splice import BatchRow, Prefix, Prompt, PromptedLM, run_rows
 from .template import RenderedRows, Template
 
@@ -224,22 +223,6 @@ def next_hidden(
     """Feed one new token per row at its own position; the new hidden states and the grown context."""
     hidden, context = backbone.run(backbone.embed(tokens.view(-1, 1)), Layout.of(positions.view(-1, 1)), context)
     return hidden[:, -1], context
-
-
-def pack_keys(context: Context) -> Context:
-    """The same keys with the padding between them dropped: each row's real keys move to the front,
-    in order, and the cache is cut to the longest row. Which key a query sees is decided by positions,
-    never by tensor index, so every row still sees exactly what it saw."""
-    real = context.layout.real
-    width = int(real.sum(1).max())
-    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # real keys first
-    layout = Layout(*(t.gather(1, order) for t in context.layout.tensors))
-    kv = []
-    for layer in context.cache.layers:
-        keys, values = layer.keys, layer.values  # [B, heads, keys, head_dim]
-        index = order.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        kv.append((keys.gather(2, index), values.gather(2, index)))
-    return Context(DynamicCache(ddp_cache_data=kv), layout)
 
 
 @dataclass
