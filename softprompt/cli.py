@@ -52,7 +52,7 @@ def _backbone(run: Path, model: str | None) -> Backbone:
         return Backbone.load(spec)
 
 
-ModelOption = Annotated[Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")]
+ModelOption = Annotated[Optional[str], typer.Option(help="'default' (gemma3-270m), 'smollm2-135m', a model folder, a hub id or a .gguf file")]
 # `softprompt train` flags that override the task file (names as in TaskSpec / TrainSettings)
 InitOption = Annotated[Optional[str], typer.Option(help='random | vocab | text:"..." | labels | demos | from:RUN')]
 StepsOption = Annotated[Optional[int], typer.Option(help="optimizer steps")]
@@ -193,7 +193,7 @@ def _train_auto(
 def doctor(
     task: Annotated[Path, typer.Argument(help="task file (YAML)")],
     model: Annotated[
-        Optional[str], typer.Option(help="'default', a model folder, a hub id or a .gguf file")
+        Optional[str], typer.Option(help="'default' (gemma3-270m), 'smollm2-135m', a model folder, a hub id or a .gguf file")
     ] = None,
     zero_shot: Annotated[
         bool,
@@ -615,7 +615,7 @@ def compare(
 @app.command("model")
 def model_info(
     model: Annotated[
-        str, typer.Option(help="'default', a model folder, a hub id or a .gguf file")
+        str, typer.Option(help="'default' (gemma3-270m), 'smollm2-135m', a model folder, a hub id or a .gguf file")
     ] = "default",
 ) -> None:
     """Load a model once (a GGUF is dequantized and cached) and print what it is."""

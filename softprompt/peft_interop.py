@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, ModelNotFound, resolve
+from .backbone import Backbone, ModelNotFound, model_name, resolve
 from .methods import METHODS, method_class
 from .run import INFO_FILE, ArtifactError, RunInfo, atomic_file, check_model, write_atomic
 from .soft_prompt import SoftPrompt
@@ -164,7 +164,7 @@ def _info_for_import(
         generation = spec.kind == "generation"
         info = RunInfo(
             kind=spec.kind,
-            model=backbone.spec,
+            model=model_name(backbone.spec),
             fingerprint=backbone.fingerprint,
             template=spec.template,
             verbalizer=None if generation else _verbalizer_words(spec),
@@ -180,7 +180,7 @@ def _info_for_import(
         )
     elif sidecar is not None:
         info = sidecar
-        info.model, info.fingerprint = backbone.spec, backbone.fingerprint
+        info.model, info.fingerprint = model_name(backbone.spec), backbone.fingerprint
         info.init, info.metrics = f"peft:{folder}", {}
     else:
         raise ArtifactError(f"{folder}: PEFT records no template; give one with --task TASK.yaml")

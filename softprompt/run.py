@@ -131,10 +131,12 @@ def write_atomic(path: str | Path, text: str) -> None:
 def check_model(info: RunInfo, backbone: Backbone, run: str | Path) -> None:
     """Refuse a run trained on another model (or on this one after a method changed its weights)."""
     if info.fingerprint != backbone.fingerprint:
+        hint = f"load it with --model {info.model}"
+        if info.model == "default":  # recorded before runs named their model, when SmolLM2 was the default
+            hint = "runs that record 'default' were trained on smollm2-135m, the default then: load it with --model smollm2-135m"
         raise ArtifactError(
             f"{run}: this prompt was trained on model {info.model!r} (fingerprint {info.fingerprint}), "
-            f"but the loaded model {backbone.spec!r} has fingerprint {backbone.fingerprint}; "
-            f"load it with --model {info.model}"
+            f"but the loaded model {backbone.spec!r} has fingerprint {backbone.fingerprint}; {hint}"
         )
 
 

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from . import calibration, plots
-from .backbone import Backbone
+from .backbone import Backbone, model_name
 from .codecheck import node_metrics, require_node
 from .doctor import diagnose
 from .methods import DEFAULT_METHOD, Method, method_class
@@ -607,7 +607,7 @@ def _finish(
         method_settings={**settings, **trainer.info(), **calibrated},
         label_scores=spec.label_scores,
         label_vectors=trainer.label_rows is not None,
-        model=spec.model,
+        model=model_name(trainer.backbone.spec),  # the model trained on, by name (not `default`: the default may change)
         fingerprint=checkpoint.identity["model_fingerprint"],  # the model the run started from
         template=spec.template,
         columns=spec.data.columns,

