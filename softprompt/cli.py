@@ -164,15 +164,14 @@ def _training_spec(task: Path, overrides: dict, *, method: str, dev: Path | None
 def _train_auto(
     spec, out: Path, *, method: str, fixed: set[str], budget: str | None, resume: bool, zero_shot: bool, report: bool
 ) -> None:
-    from .auto import run_auto
+    from .auto import SEARCHED_METHODS, run_auto
     from .compare.grid import parse_budget
     from .train import find_checkpoint
 
     if resume:
         raise AutoError("--auto cannot resume (its trials are short runs): start it again with a new --out")
-    searched = [name for name, m in METHODS.items() if m.searched_by_auto]
-    if method not in searched:
-        raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(searched)}), not {method!r}")
+    if method not in SEARCHED_METHODS:
+        raise AutoError(f"--auto searches the soft-prompt methods ({', '.join(SEARCHED_METHODS)}), not {method!r}")
     fixed = fixed | ({"method"} if method != DEFAULT_METHOD else set())
     if (out / INFO_FILE).exists() or find_checkpoint(out):
         raise AutoError(f"{out} already holds a run: choose another --out")

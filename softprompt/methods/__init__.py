@@ -18,8 +18,6 @@ METHODS: dict[str, type[Method]] = {
     m.name: m for m in (ZeroShot, Calibrated, FewShot, PromptTuning, Residual, PTuning, PrefixTuning, LoRA, FullFineTuning)
 }
 DEFAULT_METHOD = PromptTuning.name
-# Methods whose runs use the base model unchanged: a server shares one copy of it between them.
-SHARES_BASE = tuple(name for name, m in METHODS.items() if m.servable())
 
 
 def method_class(name: str) -> type[Method]:
@@ -28,4 +26,4 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "SHARES_BASE", "Method", "MethodError", "method_class"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "MethodError", "method_class"]
