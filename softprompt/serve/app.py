@@ -96,8 +96,13 @@ class LoadRequest(BaseModel):
     path: str
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def _error_body(status: int, message: str) -> dict:
+    """{"error": {"message", "type", "code"}}: every error this server sends, JSON or stream event."""
+    return {"error": {"message": message, "type": KINDS.get(status, "error"), "code": status}}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message), status_code=status, headers=headers)
 
 
 def internal_error(err: BaseException) -> str:
@@ -135,7 +140,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         size = Headers(scope=scope).get("content-length")
         if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
-            return await self._refuse(send, f"request body of {size} bytes; the limit is {self.max_bytes}")
+            message = f"request body of {size} bytes; the limit is {self.max_bytes}"
+            return await self._refuse(scope, receive, send, message)
         received, refused, started = 0, False, False
 
         async def counted() -> Message:
@@ -148,7 +154,7 @@ class BodyLimit:
                 if received > self.max_bytes and not started:
                     refused = True  # from here the app reads a client that left; its answer goes nowhere
                     await self._refuse(
-                        send, f"request body past {received} bytes; the limit is {self.max_bytes}"
+                        scope, receive, send, f"request body past {received} bytes; the limit is {self.max_bytes}"
                     )
                     return {"type": "http.disconnect"}
             return message
@@ -162,15 +168,8 @@ class BodyLimit:
         await self.app(scope, counted, answer)
 
     @staticmethod
-    async def _refuse(send: Send, message: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": KINDS[413], "code": 413}}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        await _error(413, message, headers={"connection": "close"})(scope, receive, send)
 
 
 class Failures:
@@ -194,7 +193,7 @@ class Failures:
         except Exception as err:
             if started or scope["type"] != "http":  # too late for an answer of our own
                 raise
-            await _error(500, internal_error(err), KINDS[500])(scope, receive, send)
+            await _error(500, internal_error(err))(scope, receive, send)
 
 
 @dataclass
@@ -246,7 +245,7 @@ class Service:
                         413, f"inputs[{index}].{name} has {len(row[name])} characters; the limit is {most}"
                     )
             empty = next((name for name in fields if not row[name]), None)
-            if empty is not None and task.kind == "classification":
+            if empty is not None:
                 try:  # a row the model cannot read would fail every request of its batch
                     task.model.encode([row])
                 except ValueError as err:
@@ -362,10 +361,10 @@ class Service:
                 try:
                     results = waiter.result()
                 except SchedulerStopped:
-                    yield _sse({"error": {"message": STOPPING, "type": KINDS[503], "code": 503}})
+                    yield _sse(_error_body(503, STOPPING))
                     return
                 except Exception as err:  # noqa: BLE001 - tell the client, keep the server
-                    yield _sse({"error": {"message": internal_error(err), "type": KINDS[500], "code": 500}})
+                    yield _sse(_error_body(500, internal_error(err)))
                     return
                 self.count(stream.job.task, stream.job.rows)
                 yield shape(None, results)
@@ -585,12 +584,12 @@ def answer_errors_in_shape(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404/405
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail), KINDS.get(err.status_code, "error"))
+        return _error(err.status_code, str(err.detail))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        return _error(422, problems, KINDS[422])
+        return _error(422, problems)
 
 
 def create_app(
