@@ -14,6 +14,12 @@ from .run import atomic_file  # noqa: E402
 from .taskfile import CLASSIFICATION_METRICS, GENERATION_METRICS  # noqa: E402
 
 
+def save_figure(fig: Figure, path: Path) -> None:
+    """A figure as PNG, written atomically."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
 def metric_axis_limits(metric: str) -> tuple[float, float] | None:
     """The metric's whole scale: classification scores are fractions, generation scores percentages
     (BLEU, chrF, ...). None for a metric of unknown scale, which then gets matplotlib's own range."""
@@ -46,8 +52,7 @@ def learning_curve(history: list[dict], metric: str, path: Path) -> Figure:
     if limits is not None:
         ax_metric.set_ylim(*limits)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -68,6 +73,5 @@ def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path) -> 
                     j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black"
                 )
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

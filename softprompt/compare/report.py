@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table as RichTable  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from ..plots import metric_axis_limits  # noqa: E402
-from ..run import atomic_file, write_atomic  # noqa: E402
+from ..plots import metric_axis_limits, save_figure  # noqa: E402
+from ..run import write_atomic  # noqa: E402
 from ..taskfile import CLASSIFICATION_METRICS  # noqa: E402
 
 FRACTION_METRICS = CLASSIFICATION_METRICS  # stored as 0..1, shown as percentages
@@ -422,8 +422,7 @@ def _representatives(cells: list[dict], meta: dict, keep: Callable[[dict], bool]
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
