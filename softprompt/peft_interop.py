@@ -16,13 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, ModelNotFound, model_name, resolve
 from .methods import METHODS, method_class
+from .methods.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .run import INFO_FILE, ArtifactError, RunInfo, atomic_file, check_model, write_atomic
 from .soft_prompt import SoftPrompt
 from .taskfile import TaskSpec
 from .template import Template
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "softprompt_task.json"
 
 

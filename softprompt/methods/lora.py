@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
 from ..run import ArtifactError, atomic_file
 from .base import Method
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# PEFT's own file names (adapter_model.safetensors, adapter_config.json), for lora runs and PEFT export
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
 
 
