@@ -1,8 +1,9 @@
 """A task file bound to a model: its rows split by role, and what the training loop asks of them.
 
 Rows have one of three roles, never two: `train` rows are learned from; `validation` rows choose
-(validation, early stopping, the kept prompt); `dev` rows are the report, scored once at the end,
-with the kept prompt and with plain zero-shot prompting. By default validation is a seeded slice of train,
+(validation, early stopping, the kept prompt); `dev` rows are the report: scored with plain
+zero-shot prompting before training (the model is still the base model then) and with the kept
+prompt at the end. By default validation is a seeded slice of train,
 stratified by label, so a file sorted by label still validates on every label; the report is the dev
 file (or a held-out slice of train when there is none). `splits.json` in the run folder records
 which file lines went where.
@@ -20,7 +21,7 @@ import torch
 from . import plots
 from .backbone import Backbone
 from .classify import ClassificationRows, Classifier
-from .codecheck import parses, run_tests
+from .codecheck import node_metrics, parses, require_node, run_tests
 from .data import DataError, Example, held_out_size, hold_out, k_per_label, load_examples
 from .generate import DecodeConfig, GenerationRows, Generator
 from .metrics import classification_report, generation_scores
@@ -181,6 +182,9 @@ class Task:
         """Training rows whose answer was cut (generation only)."""
         return 0
 
+    def require_tools(self) -> None:
+        """Refuse when scoring needs a program that is not installed (a generation task's node)."""
+
     def cuts(self) -> list[tuple[str, CutSummary]]:
         """Per role, how much input the length budget cut (roles with no cut left out)."""
         out = []
@@ -301,6 +305,11 @@ class GenerationTask(Task):
         report = self.score(self.model.with_prompt(None), "dev", progress)
         write_predictions(run / "dev_zero_shot_predictions.jsonl", report.pop("rows"))
         return summarize(report)
+
+    def require_tools(self) -> None:
+        gen = self.spec.generation
+        if "pass_rate" in node_metrics(gen.metrics, gen.language, self.spec.data.tests):
+            require_node("pass_rate")
 
     def target_cuts(self) -> int:
         """Training rows whose answer was cut to generation.max_target_length."""

@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 
 from . import calibration, plots
 from .backbone import Backbone, model_name
-from .codecheck import node_metrics, require_node
 from .doctor import diagnose
 from .methods import DEFAULT_METHOD, Method, method_class
 from .run import INFO_FILE, RunInfo, atomic_file, write_atomic
@@ -318,7 +317,7 @@ def train(
     found = _resumable(run, resume)
     backbone = backbone or _load_backbone(spec, console)
     task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
-    _require_tools(task)
+    task.require_tools()  # before anything is written
     identity = run_identity(task.spec, backbone, kind.name)  # the model as it is before the method changes it
     trainer = kind.build(task, backbone)
     if spec.label_vectors and not kind.learns_label_vectors():
@@ -392,14 +391,6 @@ def _task_for(spec: TaskSpec, kind: type[Method], backbone: Backbone) -> tuple[T
     changed.template = template
     changed.train.max_length += settings.get("demonstration_tokens", 0)
     return make_task(changed, backbone), settings
-
-
-def _require_tools(task: Task) -> None:
-    """Refuse before anything is written when a metric needs a program that is missing (node)."""
-    if task.kind == "generation":
-        gen = task.spec.generation
-        if "pass_rate" in node_metrics(gen.metrics, gen.language, task.spec.data.tests):
-            require_node("pass_rate")
 
 
 def _resumable(run: Path, resume: bool) -> Path | None:
