@@ -2,13 +2,19 @@
 
 The search is coordinate ascent over a few choices that decide most of prompt tuning's result:
 the learning rate, the init, learned label vectors, the method (plain or residual) and the prompt
-length. Each stage tries the alternatives of one choice with the others at their best so far, on
-short runs: the first quarter of the final run's own schedule, so the final run starts exactly as
-the winning trial did (a compressed schedule decays faster and favoured rates that then diverged
-over the full run: measured on the Portuguese example, README); a trial's score is its best validation score, calibrated or
-not (every trial checks contextual calibration). Ties keep the earlier candidate, the task file's
-own setting first. Then the winner is trained fully into the run folder, and task.json records
-what was tried and why the winner won.
+length. Each stage tries the alternatives of one choice with the others at their best so far.
+
+A trial is the start of the final run itself: the same schedule, stopped early (a compressed
+schedule decays faster and favoured rates that then diverged over the full run: measured on the
+Portuguese example, README). Within a stage the trials race by successive halving: every new
+candidate trains the first half of a trial (an eighth of the run), the better half of the stage's
+candidates (the best so far counted among them, at no cost: it has gone further already) goes on to
+a full trial (a quarter of the run, at least 30 steps), and the best there wins the stage. Ties keep
+the earlier candidate, the task file's own setting first. A trial's score is its best validation
+score so far; contextual calibration is checked once, on the final run. The trials of a search
+share the loaded model and one read-and-encoded task (train.TaskCache), and the winning trial is
+continued into the final run rather than trained again, so its steps are never paid twice.
+task.json records what was tried, how far, and why the winner won.
 
 The budget covers the trials and the final run together. Before anything runs, two training
 steps and a few validation rows are timed; a budget that cannot hold the final run and the first
@@ -17,6 +23,7 @@ stage is refused up front with the time the task needs. A stage that would not f
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -28,7 +35,6 @@ import torch
 from rich.console import Console
 
 from .backbone import Backbone
-from .calibration import is_calibrated
 from .methods import DEFAULT_METHOD, METHODS, method_class
 from .run import RunInfo
 from .taskfile import TaskSpec
@@ -68,40 +74,62 @@ class Costs:
     report_rows: int
     scale: float = 1.0  # measured trial time / estimated, updated as trials finish
 
-    def run_s(self, steps: int, eval_every: int, report: bool, zero_shot: bool) -> float:
-        passes = steps // eval_every + 2 + int(zero_shot)  # + step 0 and the calibration check
-        rows = passes * self.validation_rows + (self.report_rows * (1 + int(zero_shot)) if report else 0)
-        return self.scale * (steps * self.step_s + rows * self.row_s)
+    def run_s(self, start: int, end: int, eval_every: int, *, finish: bool = False, report: bool = False,
+              zero_shot: bool = False) -> float:
+        """Steps `start`+1 to `end` with their validations (step 0's too when starting, the stop's);
+        `finish`: and the end of a run (the calibration check, zero-shot, the report rows)."""
+        passes = end // eval_every - start // eval_every + 1 + int(start == 0)
+        passes += (1 + int(zero_shot)) if finish else 0
+        rows = passes * self.validation_rows
+        rows += self.report_rows * (1 + int(zero_shot)) if finish and report else 0
+        return self.scale * ((end - start) * self.step_s + rows * self.row_s)
+
+
+@dataclass
+class Trial:
+    """One candidate recipe, trained as far as the race took it, in a folder of its own."""
+
+    stage: str
+    recipe: Recipe
+    folder: Path
+    scores: dict[int, float] = field(default_factory=dict)  # steps trained -> best validation score up to there
+    seconds: float = 0.0
+    done: bool = False  # stopped early or at the end of its schedule: going further changes nothing
+
+    def score(self, steps: int) -> float:
+        """Best validation score within its first `steps` steps (all it has, when it stopped sooner)."""
+        reached = [s for s in self.scores if s <= steps]
+        return self.scores[max(reached)]
+
+    def record(self) -> dict:
+        steps = max(self.scores)
+        return {"stage": self.stage, "recipe": self.recipe.describe(), "steps": steps,
+                "validation": round(self.scores[steps], 4),
+                "validation_by_steps": {str(k): round(v, 4) for k, v in sorted(self.scores.items())},
+                "seconds": round(self.seconds, 1)}
 
 
 @dataclass
 class Search:
-    """What was tried, in order, with the validation score each trial reached."""
+    """What was tried, in order, and the best recipe so far (its trial is the one to continue)."""
 
-    trials: list[dict] = field(default_factory=list)
-    measured: set[str] = field(default_factory=set)
-    best: Recipe | None = None
-    best_score: float = float("-inf")
+    trials: list[Trial] = field(default_factory=list)
+    best: Trial | None = None
     skipped: list[str] = field(default_factory=list)
 
-    def add(self, stage: str, recipe: Recipe, score: float, calibrated: bool, seconds: float) -> None:
-        self.measured.add(recipe.describe())
-        self.trials.append({
-            "stage": stage, "recipe": recipe.describe(), "validation": round(score, 4),
-            "calibrated": calibrated, "seconds": round(seconds, 1),
-        })
-        if score > self.best_score:  # a tie keeps the earlier candidate
-            self.best, self.best_score = recipe, score
+    def measured(self) -> set[str]:
+        return {t.recipe.describe() for t in self.trials}
 
-    def record(self, start: Recipe) -> dict:
+    def record(self, start: Recipe, trial_steps: int) -> dict:
         if self.best is None:
             return {"tried": [], "skipped": self.skipped, "chosen": start.describe(),
                     "why": "every stage would have passed the budget: the task's own recipe"}
         return {
-            "tried": self.trials,
+            "tried": [t.record() for t in self.trials],
             "skipped": self.skipped,
-            "chosen": self.best.describe(),
-            "why": f"best validation score of the trials ({self.best_score:.4f}); ties keep the earlier candidate",
+            "chosen": self.best.recipe.describe(),
+            "why": f"best validation score at {trial_steps} steps ({self.best.score(trial_steps):.4f}) of the trials "
+                   "that got that far; ties keep the earlier candidate; the final run continued its trial",
         }
 
 
@@ -111,17 +139,38 @@ def minutes(seconds: float) -> str:
 
 @dataclass
 class Schedule:
-    """The final run's and a trial's length and expected seconds, and the budget they share."""
+    """The final run's length, a trial's and its first half's, the final run's expected seconds
+    from a full trial on, and the budget they share."""
 
     steps: int
     trial_steps: int
+    half_steps: int
     final_s: float
-    trial_s: float
     budget_s: float
     began: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.began)
+
+
+@dataclass
+class _Context:
+    """What every stage of one search uses."""
+
+    spec: TaskSpec
+    backbone: Backbone
+    console: Console
+    start: Recipe
+    search: Search
+    costs: Costs
+    schedule: Schedule
+    trials_dir: Path
+    tasks: object  # train.TaskCache (imported late: train imports what this module builds on)
+
+    def stage_s(self, new: int, pool: int) -> float:
+        """Expected seconds of a stage: `new` first halves, then at most half the `pool` going on."""
+        s, e = self.schedule, self.spec.train.eval_every
+        return new * self.costs.run_s(0, s.half_steps, e) + math.ceil(pool / 2) * self.costs.run_s(s.half_steps, s.trial_steps, e)
 
 
 def run_auto(
@@ -138,36 +187,44 @@ def run_auto(
 ) -> RunInfo:
     """Search the recipe (leaving the settings named in `fixed` as the task has them), then train
     the winner into `out`; returns its RunInfo, with the search in `auto`."""
-    from .train import train  # local import: train imports what this module builds on
+    from .train import TaskCache, train  # local import: train imports what this module builds on
 
     start = Recipe(method, spec.train.lr, str(spec.init), spec.label_vectors, None)
     stages = plan_stages(spec, start, fixed)
     if not stages:
         raise AutoError("--auto has nothing left to search: every choice it makes is fixed by the flags or the task")
-    costs, train_rows = probe(spec, backbone, start)
+    tasks = TaskCache()
+    costs, train_rows = probe(spec, backbone, start, tasks)
     schedule = plan_schedule(spec, costs, train_rows, DEFAULT_BUDGET_S if budget_s is None else budget_s,
                              first_stage=len(stages[0][1]), report=report, baselines=baselines)
     console.print(
-        f"auto: a trial of {schedule.trial_steps} steps takes about {minutes(schedule.trial_s)}, the final run of "
-        f"{schedule.steps} about {minutes(schedule.final_s)}; budget {minutes(schedule.budget_s)}"
+        f"auto: trials of {schedule.half_steps} steps, the better half going on to {schedule.trial_steps}; the final "
+        f"run of {schedule.steps} continues the winner, about {minutes(schedule.final_s)} more; budget {minutes(schedule.budget_s)}"
     )
-    search = Search()
     trials_dir = out.parent / f".{out.name}.auto-trials"
     shutil.rmtree(trials_dir, ignore_errors=True)
+    context = _Context(spec, backbone, console, start, Search(), costs, schedule, trials_dir, tasks)
     try:
-        for k, (name, candidates) in enumerate(stages):
-            later = sum(len(c) for _, c in stages[k + 1 :])
-            _run_stage(name, candidates, later, spec=spec, backbone=backbone, console=console, start=start,
-                       search=search, costs=costs, schedule=schedule, trials_dir=trials_dir)
+        for name, candidates in stages:
+            _run_stage(name, candidates, context)
+        best = context.search.best
+        final = variant(spec, best.recipe if best else start, schedule.steps, spec.train.eval_every)
+        if best is not None:  # the winning trial goes on to be the final run
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            best.folder.rename(out)
+            console.print(f"auto: chose {best.recipe.describe()} (validation {best.score(schedule.trial_steps):.3f}); "
+                          f"continuing its trial to {schedule.steps} steps")
+        else:
+            console.print(f"auto: every stage passed the budget; training {start.describe()} for {schedule.steps} steps")
+        chosen = best.recipe if best else start
+        info = train(final, out, backbone, console=console, method=chosen.method, baselines=baselines, report=report,
+                     resume=best is not None, tasks=tasks)
     finally:
         shutil.rmtree(trials_dir, ignore_errors=True)
-    best = search.best or start
-    console.print(f"auto: chose {best.describe()} (validation {search.best_score:.3f}); training it for {schedule.steps} steps")
-    info = train(
-        variant(spec, best, schedule.steps, spec.train.eval_every), out, backbone, console=console,
-        method=best.method, baselines=baselines, report=report,
-    )
-    info.auto = {**search.record(start), "seconds": round(time.perf_counter() - schedule.began, 1), "budget_s": schedule.budget_s}
+    info.auto = {**context.search.record(start, schedule.trial_steps),
+                 "seconds": round(time.perf_counter() - schedule.began, 1), "budget_s": schedule.budget_s}
     info.write(out)
     return info
 
@@ -175,57 +232,88 @@ def run_auto(
 def plan_schedule(
     spec: TaskSpec, costs: Costs, train_rows: int, budget_s: float, *, first_stage: int, report: bool, baselines: bool
 ) -> Schedule:
-    """Trials are the first quarter of the final run (at least 30 steps); refused when the final
-    run and the first stage's `first_stage` trials would not fit the budget."""
+    """A trial is the first quarter of the final run (at least 30 steps), its first half an eighth;
+    refused when the final run and the first stage's `first_stage` candidates would not fit the budget."""
     from .train import total_steps
 
     steps = total_steps(spec.train, train_rows)
     trial_steps = max(min(steps, 30), steps // 4)
-    final_s = costs.run_s(steps, spec.train.eval_every, report, baselines)
-    trial_s = costs.run_s(trial_steps, trial_steps, report=False, zero_shot=False)
-    need = final_s + first_stage * trial_s
+    half_steps = max(1, trial_steps // 2)
+    e = spec.train.eval_every
+    final_s = costs.run_s(trial_steps, steps, e, finish=True, report=report, zero_shot=baselines)
+    first_s = first_stage * costs.run_s(0, half_steps, e) + math.ceil(first_stage / 2) * costs.run_s(half_steps, trial_steps, e)
+    need = final_s + first_s
     if need > budget_s:
         raise AutoError(
             f"--budget {minutes(budget_s)} is too small for this task: the final run takes about {minutes(final_s)} "
-            f"and the first search stage ({first_stage} trials) about {minutes(need - final_s)}; give --budget "
+            f"and the first search stage ({first_stage} candidates) about {minutes(first_s)}; give --budget "
             f"{int(need // 60) + 1}m or more, or train without --auto"
         )
-    return Schedule(steps, trial_steps, final_s, trial_s, budget_s)
+    return Schedule(steps, trial_steps, half_steps, final_s, budget_s)
 
 
-def _run_stage(
-    name: str, candidates: list[dict], later: int, *, spec: TaskSpec, backbone: Backbone, console: Console,
-    start: Recipe, search: Search, costs: Costs, schedule: Schedule, trials_dir: Path,
-) -> None:
-    """One stage's trials (its recipes built on the best so far, less those measured), or none when
-    they and the final run would pass the budget; `later`: trials of the stages after it."""
-    from .train import train
-
-    recipes = [_apply(search.best or start, changes) for changes in candidates]
-    recipes = [r for r in dict.fromkeys(recipes) if r.describe() not in search.measured]
-    stage_s = len(recipes) * schedule.trial_s * costs.scale
-    if stage_s + schedule.final_s * costs.scale > schedule.left():
-        search.skipped.append(name)
-        console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
+def _run_stage(name: str, candidates: list[dict], context: _Context) -> None:
+    """One stage's race (its recipes built on the best so far, less those measured), or nothing
+    when it and the final run would pass the budget."""
+    search, schedule = context.search, context.schedule
+    incumbent = search.best
+    base = incumbent.recipe if incumbent else context.start
+    measured = search.measured()
+    recipes = [r for r in dict.fromkeys(_apply(base, c) for c in candidates) if r.describe() not in measured]
+    if not recipes:
         return
-    for j, recipe in enumerate(recipes):
-        began_trial = time.perf_counter()
-        with open(os.devnull, "w") as sink:
-            info = train(
-                variant(spec, recipe, schedule.steps, schedule.trial_steps), trials_dir / f"trial{len(search.trials) + 1}",
-                backbone, console=Console(file=sink), method=recipe.method, baselines=False, report=False,
-                stop_after=schedule.trial_steps,
-            )
-        took = time.perf_counter() - began_trial
-        costs.scale = 0.5 * costs.scale + 0.5 * took / max(schedule.trial_s, 1e-9)  # measured / probed
-        search.add(name, recipe, _score(info, spec.train.metric), is_calibrated(info), took)
-        remaining = len(recipes) - j - 1 + later
-        left = min((remaining * schedule.trial_s + schedule.final_s) * costs.scale, schedule.left())
-        console.print(
-            f"auto: trial {len(search.trials)} ({name}) {recipe.describe()}: validation {spec.train.metric} "
-            f"{search.trials[-1]['validation']:.3f} in {minutes(took)}; best {search.best_score:.3f}; "
-            f"at most {minutes(max(left, 0))} left"
+    pool_size = len(recipes) + int(incumbent is not None)
+    stage_s = context.stage_s(len(recipes), pool_size)
+    if stage_s + schedule.final_s * context.costs.scale > schedule.left():
+        search.skipped.append(name)
+        context.console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
+        return
+    new = []
+    for recipe in recipes:
+        trial = Trial(name, recipe, context.trials_dir / f"trial{len(search.trials) + 1}")
+        search.trials.append(trial)
+        new.append(trial)
+        _advance(trial, schedule.half_steps, context)
+    pool = ([incumbent] if incumbent else []) + new
+    ranked = sorted(pool, key=lambda t: -t.score(schedule.half_steps))  # stable: the earlier first among equals
+    going_on = ranked[: math.ceil(len(pool) / 2)]
+    for trial in new:
+        if trial in going_on:
+            _advance(trial, schedule.trial_steps, context)
+    contenders = [t for t in pool if t in going_on or t is incumbent]  # the best so far has its full trial already
+    search.best = max(contenders, key=lambda t: t.score(schedule.trial_steps))  # max keeps the first of equals
+    for trial in pool:
+        if trial is not search.best:
+            shutil.rmtree(trial.folder, ignore_errors=True)  # it will not be continued
+
+
+def _advance(trial: Trial, until: int, context: _Context) -> None:
+    """Train `trial` to step `until` (continuing its folder), record its score there, say so."""
+    from .train import train_prefix
+
+    if trial.done or until in trial.scores:
+        return
+    spec, schedule, costs = context.spec, context.schedule, context.costs
+    start = max(trial.scores, default=0)
+    expected = costs.run_s(start, until, spec.train.eval_every)
+    began = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        state = train_prefix(
+            variant(spec, trial.recipe, schedule.steps, spec.train.eval_every), trial.folder, context.backbone,
+            until=until, console=Console(file=sink), method=trial.recipe.method, tasks=context.tasks,
         )
+    took = time.perf_counter() - began
+    trial.seconds += took
+    trial.scores[until] = state.best
+    trial.done = state.stopped_early or state.step >= schedule.steps
+    costs.scale = 0.5 * costs.scale + 0.5 * costs.scale * took / max(expected, 1e-9)  # measured / probed
+    best = context.search.best
+    context.console.print(
+        f"auto: trial {context.search.trials.index(trial) + 1} ({trial.stage}) {trial.recipe.describe()}: validation "
+        f"{spec.train.metric} {state.best:.3f} at step {state.step} in {minutes(took)}"
+        + (f"; best so far {best.score(until):.3f} there" if best is not None and best is not trial else "")
+        + f"; at most {minutes(max(schedule.left(), 0))} of the budget left"
+    )
 
 
 def plan_stages(spec: TaskSpec, start: Recipe, fixed: frozenset[str]) -> list[tuple[str, list[dict]]]:
@@ -263,19 +351,12 @@ def variant(spec: TaskSpec, recipe: Recipe, steps: int, eval_every: int) -> Task
     return changed
 
 
-def _score(info: RunInfo, metric: str) -> float:
-    """A trial's validation score: its kept state's, or the calibrated one where that is higher."""
-    validation = info.metrics["validation"]
-    return max(validation["kept"][metric], validation.get("calibrated", {}).get(metric, float("-inf")))
-
-
-def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe) -> tuple[Costs, int]:
+def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe, tasks) -> tuple[Costs, int]:
     """Time two training steps and a few validation rows of the task, for the estimates; also
-    returns the number of training rows (for `epochs`)."""
-    from .train import _task_for  # local import, as in run_auto
-
+    returns the number of training rows (for `epochs`). The task it builds goes into `tasks`
+    (a train.TaskCache) for the trials."""
     kind = method_class(recipe.method)
-    task, _ = _task_for(variant(spec, recipe, PROBE_STEPS, PROBE_STEPS), kind, backbone)
+    task, _ = tasks.get(variant(spec, recipe, PROBE_STEPS, PROBE_STEPS), kind, backbone)
     method = kind.build(task, backbone)
     task.use_method(method)
     batch = list(range(min(spec.train.batch_size, len(task.rows["train"]))))

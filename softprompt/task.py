@@ -11,6 +11,7 @@ which file lines went where.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ class Task:
                 f"train.max_length {self.spec.train.max_length} + {self.answer_budget()} answer tokens = {need}, "
                 f"more than the {backbone.max_positions} positions model {self.spec.model} can read"
             )
+
+    def with_spec(self, spec: TaskSpec) -> Task:
+        """This task, its rows as read and encoded, under a spec that changes only what the loop
+        reads (learning rate, init, label vectors, steps): the runs of a search share one task."""
+        changed = copy.copy(self)
+        changed.spec = spec
+        return changed
 
     # -- what the loop asks for ---------------------------------------------------------------
     def use_method(self, method) -> None:

@@ -291,32 +291,53 @@ def _phase(progress: Progress, what: str, total: int) -> Iterator[Callable[[int]
         progress.remove_task(bar)
 
 
-def train(
-    spec: TaskSpec,
-    out: str | Path,
-    backbone: Backbone | None = None,
-    *,
-    resume: bool = False,
-    console: Console | None = None,
-    on_step: Callable[[int], None] | None = None,
-    method: str = DEFAULT_METHOD,
-    baselines: bool = True,
-    report: bool = True,
-    stop_after: int | None = None,
-) -> RunInfo:
-    """Train `method` (methods.METHODS) for the task (classification or generation) and write the
-    run folder `out`. `on_step(step)` is called after each step. `baselines=False` skips zero-shot
-    prompting (compare scores it once, as a method); `report=False` skips scoring the dev rows (a
-    learning-rate search only needs validation). `stop_after=K` ends after K steps of the task's
-    schedule, validating there (a search trial is the start of the run it predicts, not a
-    compressed copy with a faster decay). A method that changes the model's weights changes
-    `backbone`'s."""
-    console = console or Console(stderr=True)
-    run = Path(out)
+@dataclass
+class _Opened:
+    """A run folder ready to train: its task, method, checkpoint (fresh or resumed), optimizer and log."""
+
+    run: Path
+    task: Task
+    settings: dict  # what the method chose in making the task (e.g. its demonstrations)
+    kind: type[Method]
+    trainer: Method
+    checkpoint: Checkpoint
+    fresh: bool
+    optimizer: torch.optim.Optimizer | None
+    steps: int
+    log: Log
+
+
+class TaskCache:
+    """Tasks built once (data read, validated and encoded) and shared by the runs of a search.
+
+    The runs of `train --auto` differ in what only the loop reads (the learning rate, init, label
+    vectors, steps, validation interval), so they share one task per template and method; each run
+    gets it under its own spec (Task.with_spec)."""
+
+    VARIED = {"init": True, "label_vectors": True, "train": {"lr", "steps", "epochs", "eval_every"}}
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[Task, dict]] = {}
+
+    def get(self, spec: TaskSpec, kind: type[Method], backbone: Backbone) -> tuple[Task, dict]:
+        key = json.dumps([kind.name, backbone.fingerprint, spec.model_dump(mode="json", exclude=self.VARIED)], sort_keys=True)
+        if key not in self._built:
+            self._built[key] = _task_for(spec, kind, backbone)
+        task, settings = self._built[key]
+        return task.with_spec(spec), settings
+
+
+def _open(
+    spec: TaskSpec, run: Path, backbone: Backbone | None, method: str, resume: bool, console: Console,
+    tasks: TaskCache | None,
+) -> _Opened:
+    """Read the task, then start the run folder afresh or load its checkpoint (refusing a resume
+    that would change the result)."""
     kind = method_class(method)
     found = _resumable(run, resume)
     backbone = backbone or _load_backbone(spec, console)
-    task, settings = _task_for(spec, kind, backbone)  # reads and validates all data before anything is written
+    # reads and validates all data before anything is written
+    task, settings = tasks.get(spec, kind, backbone) if tasks else _task_for(spec, kind, backbone)
     task.require_tools()  # before anything is written
     identity = run_identity(task.spec, backbone, kind.name)  # the model as it is before the method changes it
     trainer = kind.build(task, backbone)
@@ -333,21 +354,76 @@ def train(
     optimizer = _optimizer_for(trainer, task.spec.train, None if fresh else checkpoint.optimizer)
     steps = total_steps(task.spec.train, len(task.rows["train"])) if kind.trains else 0
     log = Log(run, None if fresh else checkpoint.state.step)
+    return _Opened(run, task, settings, kind, trainer, checkpoint, fresh, optimizer, steps, log)
+
+
+def train(
+    spec: TaskSpec,
+    out: str | Path,
+    backbone: Backbone | None = None,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    on_step: Callable[[int], None] | None = None,
+    method: str = DEFAULT_METHOD,
+    baselines: bool = True,
+    report: bool = True,
+    tasks: TaskCache | None = None,
+) -> RunInfo:
+    """Train `method` (methods.METHODS) for the task (classification or generation) and write the
+    run folder `out`. `on_step(step)` is called after each step. `baselines=False` skips zero-shot
+    prompting (compare scores it once, as a method); `report=False` skips scoring the dev rows (a
+    learning-rate search only needs validation). A resumed run scores the baselines its start
+    left out (a search's trial continued into the final run). A method that changes the model's
+    weights changes `backbone`'s."""
+    console = console or Console(stderr=True)
+    opened = _open(spec, Path(out), backbone, method, resume, console, tasks)
+    run, task, kind, checkpoint = opened.run, opened.task, opened.kind, opened.checkpoint
+    zero_shot = baselines and kind.trains
     try:
         with Progress(*COLUMNS, console=console) as progress:
-            if fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
-                zero_shot = baselines and kind.trains
-                _baselines(run, task, checkpoint, log, progress, console, zero_shot=zero_shot, dev=zero_shot and report)
-                _commit(run, checkpoint, trainer, optimizer, best_changed=True, save=True)
-            _loop(run, task, checkpoint, trainer, optimizer, steps=steps, log=log, progress=progress,
-                  on_step=on_step, stop_after=stop_after)
-            info = _finish(run, task, checkpoint, trainer, settings=settings, log=log, progress=progress,
-                           report=report)
+            if opened.fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
+                _baselines(run, task, checkpoint, opened.log, progress, console, zero_shot=zero_shot, dev=zero_shot and report)
+                _commit(run, checkpoint, opened.trainer, opened.optimizer, best_changed=True, save=True)
+            elif not kind.changes_base:  # the base model is still the one the baselines are of
+                _missing_baselines(run, task, checkpoint, opened.log, progress, zero_shot=zero_shot, dev=zero_shot and report)
+            _loop(run, task, checkpoint, opened.trainer, opened.optimizer, steps=opened.steps, log=opened.log,
+                  progress=progress, on_step=on_step)
+            info = _finish(run, task, checkpoint, opened.trainer, settings=opened.settings, log=opened.log,
+                           progress=progress, report=report)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; continue with --resume (from step {_saved_step(run)})")
         raise
     console.print(f"{_outcome(info, kind)}; saved to {run}")
     return info
+
+
+def train_prefix(
+    spec: TaskSpec,
+    out: str | Path,
+    backbone: Backbone,
+    *,
+    until: int,
+    console: Console,
+    method: str = DEFAULT_METHOD,
+    tasks: TaskCache | None = None,
+) -> TrainState:
+    """The first `until` steps of the run `train` would make in `out`, started there or continued
+    from an earlier prefix; no baselines, no report, no task.json: the folder stays resumable. A
+    search trial is the start of the run it predicts (not a compressed copy with a faster decay),
+    so the trial that wins is continued into the final run instead of being trained again. It
+    validates at step `until` besides the run's own interval. Returns the training state (its
+    `best` is the best validation score up to `until`)."""
+    run = Path(out)
+    opened = _open(spec, run, backbone, method, find_checkpoint(run) is not None, console, tasks)
+    checkpoint = opened.checkpoint
+    with Progress(*COLUMNS, console=console) as progress:
+        if opened.fresh:
+            _baselines(run, opened.task, checkpoint, opened.log, progress, console, zero_shot=False, dev=False)
+            _commit(run, checkpoint, opened.trainer, opened.optimizer, best_changed=True, save=True)
+        _loop(run, opened.task, checkpoint, opened.trainer, opened.optimizer, steps=opened.steps, log=opened.log,
+              progress=progress, on_step=None, stop_after=until)
+    return checkpoint.state
 
 
 def _load_backbone(spec: TaskSpec, console: Console) -> Backbone:
@@ -446,6 +522,21 @@ def _baselines(
         log.add(step=0, split="validation", variant=name, **result)
         console.print(f"{name.replace('_', ' ')} on {n} validation rows: {_describe(result)}")
     state.best = state.baseline["initial_prompt"][task.spec.train.metric]
+
+
+def _missing_baselines(
+    run: Path, task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, *, zero_shot: bool, dev: bool
+) -> None:
+    """On resume, zero-shot prompting where the run's start left it out (a search trial continued
+    into the final run); the base model has not changed, so it is the score the start would have had."""
+    state = checkpoint.state
+    if zero_shot and "zero_shot" not in state.baseline:
+        with _phase(progress, "zero-shot (validation rows)", len(task.rows["validation"])) as advance:
+            state.baseline["zero_shot"] = task.zero_shot("validation", advance)
+        log.add(step=0, split="validation", variant="zero_shot", **state.baseline["zero_shot"])
+    if dev and state.dev_zero_shot is None:
+        with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance:
+            state.dev_zero_shot = task.dev_zero_shot(run, advance)
 
 
 def _loop(

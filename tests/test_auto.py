@@ -14,23 +14,28 @@ from softprompt.taskfile import load_task
 from helpers import quiet, write_task
 
 
-def test_auto_chooses_the_best_trial_on_validation_and_trains_it_fully(tmp_path, tiny_model_dir, tiny_backbone):
-    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=40))  # trials: 30 steps
+def test_auto_chooses_the_best_trial_on_validation_and_continues_it_into_the_final_run(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = load_task(write_task(tmp_path, tiny_model_dir, steps=40))  # trials: 15 steps, the better half 30
     info = run_auto(spec, tmp_path / "run", tiny_backbone, quiet(), budget_s=3600)
     tried = info.auto["tried"]
     assert [t["stage"] for t in tried][:3] == ["lr", "lr", "lr"] and not info.auto["skipped"]
-    best = max(tried, key=lambda t: t["validation"])  # max keeps the first of equals, as the search does
+    assert {t["steps"] for t in tried} <= {15, 30} and all("15" in t["validation_by_steps"] for t in tried)
+    lr_stage = tried[:3]  # successive halving: all three to 15 steps, the better two (earlier among equals) to 30
+    at_half = sorted(range(3), key=lambda i: -lr_stage[i]["validation_by_steps"]["15"])
+    assert [t["steps"] for t in lr_stage] == [30 if i in at_half[:2] else 15 for i in range(3)]
+    full = [t for t in tried if t["steps"] == 30]
+    best = max(full, key=lambda t: t["validation"])  # max keeps the first of equals, as the search does
     assert info.auto["chosen"] == best["recipe"]
     saved = RunInfo.read(tmp_path / "run")
-    assert saved.auto == info.auto and saved.training["steps"] == 40  # the final run has every step
+    assert saved.auto == info.auto and saved.training["steps"] == 40 and saved.metrics["steps"] == 40
     assert {t["seconds"] > 0 for t in tried} == {True}
     recipe = dict(part.split(" ", 1) for part in best["recipe"].split(", ")[1:3])
     assert saved.training["lr"] == float(recipe["lr"]) and saved.init == recipe["init"]
     assert not (tmp_path / ".run.auto-trials").exists()
-    # a trial is the first 30 steps of the final run's own schedule, and the final run validates at
-    # step 30 too: it keeps a state at least as good on validation as the trial that chose it
-    validation = saved.metrics["validation"]
-    assert max(validation["kept"]["accuracy"], validation.get("calibrated", {}).get("accuracy", 0)) >= best["validation"] - 1e-4
+    # the final run is the winning trial continued: its kept state is at least the trial's best,
+    # and its zero-shot baselines (which the trials skip) were scored when it went on
+    assert saved.metrics["validation"]["kept"]["accuracy"] >= best["validation"] - 1e-6
+    assert "zero_shot" in saved.metrics["validation"] and "dev_zero_shot" in saved.metrics
 
 
 def test_settings_given_on_the_command_line_are_not_searched(tmp_path, tiny_model_dir):
@@ -42,8 +47,9 @@ def test_settings_given_on_the_command_line_are_not_searched(tmp_path, tiny_mode
 def test_a_budget_too_small_is_refused_up_front_with_the_time_the_task_needs(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
     monkeypatch.setattr("softprompt.auto.probe", lambda *a: (Costs(step_s=2.0, row_s=0.5, validation_rows=10, report_rows=10), 20))
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=100))
-    # final: 100 steps x 2 s + (100 // 2 + 3 passes) x 10 rows x 0.5 s + 20 report rows x 0.5 s = 475 s;
-    # a trial: 30 steps x 2 s + 3 passes x 10 rows x 0.5 s = 75 s, and the lr stage holds 3 of them
+    # the final run goes on from a 30-step trial: 70 steps x 2 s + (50 - 15 + 1 + 2 passes) x 10 rows x 0.5 s
+    # + 20 report rows x 0.5 s = 340 s; the lr stage: 3 first halves of 15 steps x 2 s + 9 passes x 5 s (75 s
+    # each) and 2 second halves of the same cost: 375 s; 715 s in all
     with pytest.raises(AutoError, match=r"--budget 12m or more"):
         run_auto(spec, tmp_path / "run", tiny_backbone, quiet(), budget_s=600)
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.auto-trials").exists()
@@ -76,26 +82,38 @@ def test_auto_refuses_when_every_choice_is_fixed_and_budget_needs_auto(tmp_path,
     assert result.exit_code != 0 and "add --auto" in result.output and not (tmp_path / "run").exists()
 
 
-def test_a_trial_is_the_start_of_the_final_run_s_own_schedule(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+def test_a_trial_is_the_start_of_the_final_run_and_the_winner_goes_on_where_it_stopped(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
     import softprompt.train as training
 
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=6))
     training.train(spec, tmp_path / "full", backbone=tiny_backbone, console=quiet(), baselines=False)
-    training.train(spec, tmp_path / "trial", backbone=tiny_backbone, console=quiet(), baselines=False, stop_after=3)
+    state = training.train_prefix(spec, tmp_path / "trial", tiny_backbone, until=3, console=quiet())
+    assert state.step == 3 and not (tmp_path / "trial" / "task.json").exists()
+
     def lines(run):
         return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
     def steps(run):
         return [x for x in lines(run) if "loss" in x]
+
     assert steps("trial") == steps("full")[:3]  # the same losses at the same learning rates
     assert any(x.get("split") == "validation" and x["step"] == 3 for x in lines("trial"))
+    training.train(spec, tmp_path / "trial", backbone=tiny_backbone, console=quiet(), baselines=False, resume=True)
+    assert steps("trial") == steps("full")  # continued, it is the uninterrupted run
     calls = []
-    real = training.train
+    real_prefix, real_train = training.train_prefix, training.train
 
-    def spy(spec, out, *args, **kwargs):
-        calls.append((spec.train.steps, kwargs.get("stop_after")))
-        return real(spec, out, *args, **kwargs)
+    def spy_prefix(spec, out, *args, **kwargs):
+        calls.append(("trial", spec.train.steps, kwargs["until"]))
+        return real_prefix(spec, out, *args, **kwargs)
 
-    monkeypatch.setattr(training, "train", spy)
+    def spy_train(spec, out, *args, **kwargs):
+        calls.append(("final", spec.train.steps, kwargs.get("resume")))
+        return real_train(spec, out, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_prefix", spy_prefix)
+    monkeypatch.setattr(training, "train", spy_train)
     run_auto(load_task(write_task(tmp_path, tiny_model_dir, steps=40)), tmp_path / "auto", tiny_backbone, quiet(),
              fixed=frozenset({"init", "label_vectors", "method", "soft"}))
-    assert calls == [(40, 30)] * 3 + [(40, None)]  # three learning rates, then the final run
+    # three learning rates to 15 steps, the better two to 30, then the winner continued to 40
+    assert calls == [("trial", 40, 15)] * 3 + [("trial", 40, 30)] * 2 + [("final", 40, True)]
