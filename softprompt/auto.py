@@ -74,6 +74,11 @@ class Costs:
     report_rows: int
     scale: float = 1.0  # measured trial time / estimated, updated as trials finish
 
+    def race_s(self, new: int, pool: int, half_steps: int, trial_steps: int, eval_every: int) -> float:
+        """A stage's seconds: `new` candidates train `half_steps`, then at most half the `pool` goes on
+        to `trial_steps`."""
+        return new * self.run_s(0, half_steps, eval_every) + math.ceil(pool / 2) * self.run_s(half_steps, trial_steps, eval_every)
+
     def run_s(self, start: int, end: int, eval_every: int, *, finish: bool = False, report: bool = False,
               zero_shot: bool = False) -> float:
         """Steps `start`+1 to `end` with their validations (step 0's too when starting, the stop's);
@@ -167,10 +172,10 @@ class _Context:
     trials_dir: Path
     tasks: object  # train.TaskCache (imported late: train imports what this module builds on)
 
-    def stage_s(self, new: int, pool: int) -> float:
-        """Expected seconds of a stage: `new` first halves, then at most half the `pool` going on."""
-        s, e = self.schedule, self.spec.train.eval_every
-        return new * self.costs.run_s(0, s.half_steps, e) + math.ceil(pool / 2) * self.costs.run_s(s.half_steps, s.trial_steps, e)
+    def run_spec(self, recipe: Recipe) -> TaskSpec:
+        """The spec of the run `recipe` makes: a trial and the final run it is continued into share
+        it exactly (a resume refuses any difference)."""
+        return variant(self.spec, recipe, self.schedule.steps, self.spec.train.eval_every)
 
 
 def run_auto(
@@ -208,7 +213,7 @@ def run_auto(
         for name, candidates in stages:
             _run_stage(name, candidates, context)
         best = context.search.best
-        final = variant(spec, best.recipe if best else start, schedule.steps, spec.train.eval_every)
+        chosen = best.recipe if best else start
         if best is not None:  # the winning trial goes on to be the final run
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
@@ -218,8 +223,7 @@ def run_auto(
                           f"continuing its trial to {schedule.steps} steps")
         else:
             console.print(f"auto: every stage passed the budget; training {start.describe()} for {schedule.steps} steps")
-        chosen = best.recipe if best else start
-        info = train(final, out, backbone, console=console, method=chosen.method, baselines=baselines, report=report,
+        info = train(context.run_spec(chosen), out, backbone, console=console, method=chosen.method, baselines=baselines, report=report,
                      resume=best is not None, tasks=tasks)
     finally:
         shutil.rmtree(trials_dir, ignore_errors=True)
@@ -241,7 +245,7 @@ def plan_schedule(
     half_steps = max(1, trial_steps // 2)
     e = spec.train.eval_every
     final_s = costs.run_s(trial_steps, steps, e, finish=True, report=report, zero_shot=baselines)
-    first_s = first_stage * costs.run_s(0, half_steps, e) + math.ceil(first_stage / 2) * costs.run_s(half_steps, trial_steps, e)
+    first_s = costs.race_s(first_stage, first_stage, half_steps, trial_steps, e)
     need = final_s + first_s
     if need > budget_s:
         raise AutoError(
@@ -263,7 +267,7 @@ def _run_stage(name: str, candidates: list[dict], context: _Context) -> None:
     if not recipes:
         return
     pool_size = len(recipes) + int(incumbent is not None)
-    stage_s = context.stage_s(len(recipes), pool_size)
+    stage_s = context.costs.race_s(len(recipes), pool_size, schedule.half_steps, schedule.trial_steps, context.spec.train.eval_every)
     if stage_s + schedule.final_s * context.costs.scale > schedule.left():
         search.skipped.append(name)
         context.console.print(f"auto: skipped {name}: its {len(recipes)} trials (about {minutes(stage_s)}) would pass the budget")
@@ -299,7 +303,7 @@ def _advance(trial: Trial, until: int, context: _Context) -> None:
     began = time.perf_counter()
     with open(os.devnull, "w") as sink:
         state = train_prefix(
-            variant(spec, trial.recipe, schedule.steps, spec.train.eval_every), trial.folder, context.backbone,
+            context.run_spec(trial.recipe), trial.folder, context.backbone,
             until=until, console=Console(file=sink), method=trial.recipe.method, tasks=context.tasks,
         )
     took = time.perf_counter() - began

@@ -329,10 +329,11 @@ class TaskCache:
 
 def _open(
     spec: TaskSpec, run: Path, backbone: Backbone | None, method: str, resume: bool, console: Console,
-    tasks: TaskCache | None,
+    tasks: TaskCache | None, *, warn: bool = True,
 ) -> _Opened:
     """Read the task, then start the run folder afresh or load its checkpoint (refusing a resume
-    that would change the result)."""
+    that would change the result). `warn`: print the task doctor's cheap checks (a search's trials
+    leave them to the final run, which prints them once)."""
     kind = method_class(method)
     found = _resumable(run, resume)
     backbone = backbone or _load_backbone(spec, console)
@@ -344,7 +345,8 @@ def _open(
     if spec.label_vectors and not kind.learns_label_vectors():
         console.print(f"[yellow]note: label_vectors is ignored by method {method!r} (it trains no soft prompt)")
     checkpoint, fresh = _starting_point(run, trainer, identity, found, console)
-    _warn_task(task, backbone, console, kind.trains)
+    if warn:
+        _warn_task(task, backbone, console, kind.trains)
     write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
     if not fresh:  # the kept artifact as of the checkpoint, not a later step's
         trainer.load_state(checkpoint.best)
@@ -382,11 +384,10 @@ def train(
     zero_shot = baselines and kind.trains
     try:
         with Progress(*COLUMNS, console=console) as progress:
-            if opened.fresh:  # baselines, then the step-0 checkpoint (an untrained method is a baseline itself)
+            if opened.fresh or not kind.changes_base:  # resumed: the base model is still the one baselines are of
                 _baselines(run, task, checkpoint, opened.log, progress, console, zero_shot=zero_shot, dev=zero_shot and report)
+            if opened.fresh:  # the step-0 checkpoint (an untrained method is a baseline itself)
                 _commit(run, checkpoint, opened.trainer, opened.optimizer, best_changed=True, save=True)
-            elif not kind.changes_base:  # the base model is still the one the baselines are of
-                _missing_baselines(run, task, checkpoint, opened.log, progress, zero_shot=zero_shot, dev=zero_shot and report)
             _loop(run, task, checkpoint, opened.trainer, opened.optimizer, steps=opened.steps, log=opened.log,
                   progress=progress, on_step=on_step)
             info = _finish(run, task, checkpoint, opened.trainer, settings=opened.settings, log=opened.log,
@@ -415,7 +416,7 @@ def train_prefix(
     validates at step `until` besides the run's own interval. Returns the training state (its
     `best` is the best validation score up to `until`)."""
     run = Path(out)
-    opened = _open(spec, run, backbone, method, find_checkpoint(run) is not None, console, tasks)
+    opened = _open(spec, run, backbone, method, find_checkpoint(run) is not None, console, tasks, warn=False)
     checkpoint = opened.checkpoint
     with Progress(*COLUMNS, console=console) as progress:
         if opened.fresh:
@@ -505,38 +506,28 @@ def _baselines(
     run: Path, task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, console: Console, *,
     zero_shot: bool, dev: bool,
 ) -> None:
-    """Zero-shot prompting (unless `zero_shot` is False) and the untrained method on the validation
-    rows (step 0); zero-shot prompting on the report rows too when `dev`, while the model is still
-    the base model (they choose nothing: their score is only reported at the end)."""
+    """The step-0 scores the run does not hold yet: zero-shot prompting on the validation rows
+    (unless `zero_shot` is False) and on the report rows when `dev`, while the model is still the
+    base model (they choose nothing: they are only reported at the end), and the untrained method
+    on the validation rows. A fresh run scores them all; a resumed one what its start left out (a
+    search trial, started without baselines, continued into the final run)."""
     n = len(task.rows["validation"])
     state = checkpoint.state
-    if zero_shot:
-        with _phase(progress, "zero-shot (validation rows)", n) as advance:
-            state.baseline["zero_shot"] = task.zero_shot("validation", advance)
-    if dev:
-        with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance:
-            state.dev_zero_shot = task.dev_zero_shot(run, advance)
-    with _phase(progress, "initial state (validation rows)", n) as advance:
-        state.baseline["initial_prompt"] = task.validate(advance)
-    for name, result in state.baseline.items():
-        log.add(step=0, split="validation", variant=name, **result)
-        console.print(f"{name.replace('_', ' ')} on {n} validation rows: {_describe(result)}")
-    state.best = state.baseline["initial_prompt"][task.spec.train.metric]
-
-
-def _missing_baselines(
-    run: Path, task: Task, checkpoint: Checkpoint, log: Log, progress: Progress, *, zero_shot: bool, dev: bool
-) -> None:
-    """On resume, zero-shot prompting where the run's start left it out (a search trial continued
-    into the final run); the base model has not changed, so it is the score the start would have had."""
-    state = checkpoint.state
+    scored: dict[str, dict] = {}
     if zero_shot and "zero_shot" not in state.baseline:
-        with _phase(progress, "zero-shot (validation rows)", len(task.rows["validation"])) as advance:
-            state.baseline["zero_shot"] = task.zero_shot("validation", advance)
-        log.add(step=0, split="validation", variant="zero_shot", **state.baseline["zero_shot"])
+        with _phase(progress, "zero-shot (validation rows)", n) as advance:
+            scored["zero_shot"] = task.zero_shot("validation", advance)
     if dev and state.dev_zero_shot is None:
         with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance:
             state.dev_zero_shot = task.dev_zero_shot(run, advance)
+    if "initial_prompt" not in state.baseline:
+        with _phase(progress, "initial state (validation rows)", n) as advance:
+            scored["initial_prompt"] = task.validate(advance)
+        state.best = scored["initial_prompt"][task.spec.train.metric]
+    state.baseline.update(scored)
+    for name, result in scored.items():
+        log.add(step=0, split="validation", variant=name, **result)
+        console.print(f"{name.replace('_', ' ')} on {n} validation rows: {_describe(result)}")
 
 
 def _loop(
