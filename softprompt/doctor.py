@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from .backbone import GEMMA_MODEL, Backbone, model_name
 from .codecheck import NODE_INSTALL, node_available, node_metrics
-from .data import DataError, Example, hold_out, load_examples
+from .data import DataError, Example, Rows, hold_out, load_examples
 from .task import Task
 from .taskfile import TaskSpec
 
@@ -126,9 +126,16 @@ def slot_position(task: Task) -> list[Finding]:
     ]
 
 
+def _label_counts(rows) -> dict[str, int]:
+    """Rows per label; a source's `Rows` counts its label codes without reading a row's text."""
+    if isinstance(rows, Rows) and rows.labels is not None:
+        return {str(k): v for k, v in rows.label_counts().items()}
+    return Counter(str(e.label) for e in rows)
+
+
 def label_balance(task: Task) -> list[Finding]:
     """Labels with far more training rows than others, and labels with too few rows to learn from."""
-    counts = Counter(str(e.label) for e in task.splits.train)
+    counts = _label_counts(task.splits.train)
     per_label = {label: counts.get(label, 0) for label in task.verbalizer.labels}
     ordered = sorted(per_label.items(), key=lambda kv: -kv[1])
     (top, most), (bottom, least) = ordered[0], ordered[-1]
@@ -237,14 +244,16 @@ def step_budget(task: Task) -> list[Finding]:
 # -- leaks between roles ----------------------------------------------------------------------
 def duplicates(task: Task) -> list[Finding]:
     """Rows of validation, dev (and data.test) whose input, normalised, is also a training input."""
-    seen: dict[tuple[str, ...], str] = {}
-    for example in task.splits.train:
-        seen.setdefault(_normalised(example), example.source)
     others = [("validation", task.splits.validation), ("dev", task.splits.dev)]
     test, problem = _test_rows(task)
     if test:
         others.append(("test", test))
     findings = [problem] if problem is not None else []
+    wanted = {_normalised(e) for _, rows in others for e in rows}
+    seen: dict[tuple[str, ...], str] = {}  # only the inputs the other roles hold: train streams past
+    for example in task.splits.train:
+        if (key := _normalised(example)) in wanted:
+            seen.setdefault(key, example.source)
     for role, rows in others:
         pairs = [f"{e.source} = {seen[key]}" for e in rows if (key := _normalised(e)) in seen]
         if not pairs:

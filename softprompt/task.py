@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from . import plots
 from .backbone import Backbone
 from .classify import ClassificationRows, Classifier
 from .codecheck import node_metrics, parses, require_node, run_tests
-from .data import DataError, Example, held_out_size, hold_out, k_per_label, load_examples
+from .data import DataError, Example, Rows, held_out_size, hold_out, k_per_label, lines_by_file, open_rows
 from .generate import DecodeConfig, GenerationRows, Generator
 from .metrics import classification_report, generation_scores
 from .run import write_atomic
@@ -38,20 +38,14 @@ ROLES = ("train", "validation", "dev")
 
 @dataclass
 class Splits:
-    train: list[Example]
+    train: Sequence[Example]  # a data.Rows: read from its file when iterated (it may not fit in memory)
     validation: list[Example]
     dev: list[Example]  # the report rows
 
     def record(self) -> dict:
         """For splits.json: per role, how many rows and which lines of which files."""
-        out = {}
-        for role in ROLES:
-            files: dict[str, list[int]] = {}
-            for example in getattr(self, role):
-                path, _, line = example.source.rpartition(":")
-                files.setdefault(path, []).append(int(line))
-            out[role] = {"rows": len(getattr(self, role)), "files": files}
-        return out
+        rows = {role: getattr(self, role) for role in ROLES}
+        return {role: {"rows": len(r), "files": lines_by_file(r)} for role, r in rows.items()}
 
 
 def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) -> Splits:
@@ -61,9 +55,10 @@ def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) ->
     column = spec.data.target if generation else spec.data.label
     keep = [spec.data.tests] if generation and spec.data.tests else None
     seed, limit = spec.train.seed, spec.train.eval_limit
+    group = by_label or bool(spec.train.shots)  # a generation task's targets are grouped only for shots
 
-    def read(path: str) -> list[Example]:
-        return load_examples(spec.path(path), template.fields, spec.data.columns, column, labels, keep)
+    def read(path: str) -> Rows:  # every row checked, labels as codes; text read when iterated or taken
+        return open_rows(spec.path(path), template.fields, spec.data.columns, column, labels, keep, group=group)
 
     train = read(spec.data.train)
     read_rows = len(train)
@@ -82,7 +77,7 @@ def read_splits(spec: TaskSpec, template: Template, labels: list[str] | None) ->
         dev = hold_out(dev, spec.train.report_limit, seed, by_label, leave_one=False)[1]
     if spec.train.shots:
         train = k_per_label(train, spec.train.shots, seed)
-    splits = Splits(train, validation, dev)
+    splits = Splits(train, list(validation), list(dev))
     _refuse_empty(splits, spec, read_rows)
     return splits
 

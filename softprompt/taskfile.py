@@ -91,7 +91,10 @@ class TrainSettings(BaseModel):
 class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    train: str
+    train: str = Field(
+        description="a .jsonl, .csv, .tsv, .parquet or .arrow/.feather file, or a folder written by datasets' "
+        "save_to_disk (as are dev, validation and test)"
+    )
     dev: str | None = Field(None, description="rows of the final report; never used to choose anything")
     test: str | None = Field(
         None, description="rows that `softprompt compare` reports (a test split no selection ever saw); default: dev"

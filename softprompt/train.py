@@ -13,7 +13,6 @@ what changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from . import calibration, plots
 from .backbone import Backbone, model_name
+from .data import fingerprint as data_fingerprint
 from .doctor import diagnose
 from .methods import DEFAULT_METHOD, Method, method_class
 from .run import INFO_FILE, RunInfo, atomic_file, write_atomic
@@ -116,11 +116,7 @@ def run_identity(spec: TaskSpec, backbone: Backbone, method: str = DEFAULT_METHO
     settings (the template with its constants inlined, verbalizer, init, data, decoding, training)
     and the bytes of every data file. A resumed run must match it exactly."""
     files = {"train": spec.data.train, "dev": spec.data.dev, "validation": spec.data.validation}
-    digests = {
-        role: hashlib.sha256(spec.path(path).read_bytes()).hexdigest()[:16]
-        for role, path in files.items()
-        if path
-    }
+    digests = {role: data_fingerprint(spec.path(path)) for role, path in files.items() if path}
     return {
         "method": method,
         "model_fingerprint": backbone.fingerprint,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..data import open_source
 from ..methods import DEFAULT_METHOD, METHODS
 from ..run import write_atomic
 from ..train import METRICS_FILE
@@ -304,9 +305,7 @@ def _shared_baselines(records: list[dict], plan: Plan) -> list[dict]:
 def _rows_text(path) -> str:
     if path is None:
         return "a held-out slice of train"
-    path = Path(path)
-    lines = sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
-    return f"{path} ({lines} rows)"
+    return f"{path} ({len(open_source(path))} rows)"  # any format: a table's row count, a text file's rows
 
 
 def _validation_text(spec) -> str:
