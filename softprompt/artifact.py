@@ -26,7 +26,8 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
     backbone = backbone or Backbone.load(info.model)
     check_model(info, backbone, run)
     try:
-        prompt = method_class(info.method).load(Path(run), info, backbone)
+        kind = method_class(info.method)
+        prompt = kind.load(Path(run), info, backbone)
     except MethodError as err:
         raise ArtifactError(f"{Path(run) / INFO_FILE}: {err}") from err
     if info.kind == "generation":
@@ -39,7 +40,7 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
         backbone, Template.parse(info.template), verbalizer, prompt, info.max_length, prior_of(info),
         length_norm=info.label_scores == "mean", label_rows=rows,
     )
-    return model, info
+    return kind.loaded(model, Path(run), info), info
 
 
 def load_classifier(run: str | Path, backbone: Backbone | None = None) -> tuple[Classifier, RunInfo]:

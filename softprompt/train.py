@@ -445,6 +445,8 @@ def _outcome(info: RunInfo, kind: type[Method]) -> str:
     """The line that ends training: what was kept, and its score on the dev rows (or validation)."""
     metrics = info.metrics
     kept = f"kept the state of step {metrics['best_step']}" if kind.trains else f"{kind.name}: nothing to train"
+    if kind.fits:
+        kept = f"{kind.name}: fitted in {metrics['train_seconds']:.1f}s, no gradient steps"
     if "dev" not in metrics:
         return f"{kept}; validation {info.training['metric']} {metrics['validation']['kept'][info.training['metric']]:.3f}"
     zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
@@ -490,7 +492,7 @@ def _starting_point(
         console.print(f"{run} has no checkpoint yet: starting from the beginning")
     run.mkdir(parents=True, exist_ok=True)
     start = trainer.state()
-    return Checkpoint(start, dict(start), {}, TrainState(), identity), True
+    return Checkpoint(start, dict(start), {}, TrainState(train_seconds=trainer.fit_seconds), identity), True
 
 
 def _saved_step(run: Path) -> int:

@@ -204,10 +204,8 @@ def validation_curve(run: Path, metric: str) -> list[dict]:
 
 
 def _note(info: dict) -> str | None:
-    settings = info.get("method_settings") or {}
-    if "demonstrations" in settings:
-        return f"{settings['demonstrations']} demonstrations ({settings['per_label']} per label, {settings['demonstration_tokens']} tokens)"
-    return None
+    """What the cell's method says it chose (few-shot's demonstrations, the probe's pooling)."""
+    return METHODS[info["method"]].note(info.get("method_settings") or {})
 
 
 def search_cells(plan: Plan) -> list[Cell]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .base import Method, MethodError
 from .few_shot import FewShot
 from .full import FullFineTuning
+from .linear_probe import LinearProbe
 from .lora import LoRA
 from .p_tuning import PTuning
 from .prefix import PrefixTuning
@@ -15,7 +16,7 @@ from .residual import Residual
 from .zero_shot import Calibrated, ZeroShot
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (ZeroShot, Calibrated, FewShot, PromptTuning, Residual, PTuning, PrefixTuning, LoRA, FullFineTuning)
+    m.name: m for m in (ZeroShot, Calibrated, FewShot, PromptTuning, Residual, PTuning, PrefixTuning, LoRA, FullFineTuning, LinearProbe)
 }
 DEFAULT_METHOD = PromptTuning.name
 

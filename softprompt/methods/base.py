@@ -39,7 +39,8 @@ class Method(torch.nn.Module):
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    trains: ClassVar[bool] = True  # False: nothing is trained (zero-shot, calibrated, few-shot)
+    trains: ClassVar[bool] = True  # False: no gradient steps (zero-shot, calibrated, few-shot; linear-probe fits)
+    fits: ClassVar[bool] = False  # True: fitted once when built, not by steps (linear-probe's head)
     changes_base: ClassVar[bool] = False  # True: the model's own weights change (one copy per task)
     soft_tokens: ClassVar[bool] = True  # False: the template's soft tokens are dropped
     classification_only: ClassVar[bool] = False
@@ -60,13 +61,26 @@ class Method(torch.nn.Module):
         return (*cls.files, LABELS_FILE) if cls.learns_label_vectors() else cls.files
 
     @classmethod
+    def not_servable(cls) -> str | None:
+        """Why `serve` cannot hold this method's runs, said after "a NAME run ..." (None: it can). A
+        server shares one frozen model between tasks and answers through their label words."""
+        if cls.changes_base:
+            return "changes the model's weights, so it cannot share this server's frozen model: serve it with its own server"
+        return None
+
+    @classmethod
     def servable(cls) -> bool:
-        """A server shares one frozen model between tasks: only methods that leave it unchanged."""
-        return not cls.changes_base
+        return cls.not_servable() is None
+
+    @classmethod
+    def note(cls, settings: dict) -> str | None:
+        """One line on what this run's method chose (its task.json method_settings), for compare's report."""
+        return None
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = backbone  # not a Module attribute: the base model's weights are not ours
+        self.fit_seconds = 0.0  # spent fitting when built (`fits`); training time, as the loop's steps are
         self.register_parameter("label_rows", None)  # [C, H] learned label vectors (task label_vectors)
 
     # -- building ---------------------------------------------------------------------------
@@ -158,6 +172,12 @@ class Method(torch.nn.Module):
         """What a run folder of this method puts into the model: the prompt for `PromptedLM`
         (or None); methods that change the base model change `backbone` here."""
         return None
+
+    @classmethod
+    def loaded(cls, model, run: Path, info: RunInfo):
+        """The classifier or generator assembled from a run, as this method's runs answer: as it
+        is for most; the linear probe puts its own head on it."""
+        return model
 
 
 def load_label_rows(run: str | Path, choices: int, backbone: Backbone) -> torch.Tensor:

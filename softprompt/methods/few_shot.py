@@ -29,6 +29,12 @@ class FewShot(Method):
         text, settings = demonstrations(task)
         return text + task.template.without_soft().source(), settings
 
+    @classmethod
+    def note(cls, settings: dict) -> str | None:
+        if "demonstrations" not in settings:
+            return None
+        return f"{settings['demonstrations']} demonstrations ({settings['per_label']} per label, {settings['demonstration_tokens']} tokens)"
+
 
 def demonstrations(task) -> tuple[str, dict]:
     """The demonstrations' text (braces escaped, ending in a blank line) and what was chosen."""

@@ -136,10 +136,7 @@ class TaskBank:
         except (ArtifactError, MethodError) as err:
             raise BankError(str(err)) from err
         if not kind.servable():
-            raise BankError(
-                f"{path}: a {info.method!r} run changes the model's weights, so it cannot share this server's "
-                "frozen model: serve it with its own server"
-            )
+            raise BankError(f"{path}: a {info.method!r} run {kind.not_servable()}")
         try:
             model, info = load_run(folder, self.backbone)
         except (ArtifactError, ValueError) as err:
