@@ -372,7 +372,7 @@ def probe(spec: TaskSpec, backbone: Backbone, recipe: Recipe, tasks) -> tuple[Co
     began = time.perf_counter()
     if task.kind == "classification":
         with torch.no_grad():
-            task.model.predict_proba(task.model.encode([e.fields for e in rows]), spec.train.eval_batch_size)
+            task.model.predict(task.model.encode([e.fields for e in rows]), spec.train.eval_batch_size)
     else:
         task.model.generate(task.encode(task.model, rows, False), task.decode, spec.train.eval_batch_size)
     row_s = (time.perf_counter() - began) / max(1, len(rows))

@@ -248,22 +248,32 @@ class Layout:
     """Where each token of a batch sits, which decides what it attends to.
 
     A query sees a key of its own row when the key is real (not padding), sits at the same or an
-    earlier position, belongs to the shared context (group -1) or to the query's group, and, in a
-    sliding-window layer, lies inside the window. Positions, not tensor indices, decide: so right
-    padding, a shared prefix cache and packed continuations all see what one unpadded sequence would.
+    earlier position, belongs to the shared context (node -1) or is the query's own node or one of
+    its ancestors, and, in a sliding-window layer, lies inside the window. Positions, not tensor
+    indices, decide: so right padding, a shared prefix cache and a tree of continuations after a row
+    (the label trie, `classify.label_scores`) all see what one unpadded sequence would.
+
+    Tree nodes are numbered in pre-order, so the subtree of node k is k, k+1, ..., last[k]: node q
+    sees node k exactly when k <= q <= last[k], one comparison pair whatever the tree's shape.
     """
 
     positions: torch.Tensor  # [B, T] position ids
     real: torch.Tensor  # [B, T] bool, False on padding
-    groups: torch.Tensor  # [B, T] -1: shared context; k >= 0: only queries of group k see it
+    nodes: torch.Tensor  # [B, T] -1: shared context; k >= 0: node k of a tree (pre-order)
+    last: torch.Tensor  # [B, T] the last node of each node's subtree (the node itself for a leaf)
 
     @classmethod
     def of(
-        cls, positions: torch.Tensor, real: torch.Tensor | None = None, groups: torch.Tensor | None = None
+        cls,
+        positions: torch.Tensor,
+        real: torch.Tensor | None = None,
+        nodes: torch.Tensor | None = None,
+        last: torch.Tensor | None = None,
     ) -> Layout:
         real = torch.ones_like(positions, dtype=torch.bool) if real is None else real.bool()
-        groups = torch.full_like(positions, -1) if groups is None else groups
-        return cls(positions.long(), real, groups.long())
+        nodes = torch.full_like(positions, -1) if nodes is None else nodes
+        last = nodes if last is None else last
+        return cls(positions.long(), real, nodes.long(), last.long())
 
     def cat(self, later: Layout) -> Layout:
         return Layout(*(torch.cat([a, b], dim=1) for a, b in zip(self.tensors, later.tensors)))
@@ -278,8 +288,8 @@ class Layout:
         return Layout(*(t.expand(batch, -1) for t in self.tensors))
 
     @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.positions, self.real, self.groups
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.positions, self.real, self.nodes, self.last
 
 
 @dataclass
@@ -317,10 +327,9 @@ def join_contexts(contexts: list[Context]) -> Context:
             keys.append(torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[2])))
             values.append(torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[2])))
         kv.append((torch.cat(keys), torch.cat(values)))
+    fills = (0, False, -1, -1)  # a padded key's position, real, node and last
     layout = Layout(
-        torch.cat([padded(c.layout.positions, 0) for c in contexts]),
-        torch.cat([padded(c.layout.real, False) for c in contexts]),
-        torch.cat([padded(c.layout.groups, -1) for c in contexts]),
+        *(torch.cat([padded(c.layout.tensors[i], fill) for c in contexts]) for i, fill in enumerate(fills))
     )
     return Context(DynamicCache(ddp_cache_data=kv), layout)
 
@@ -436,7 +445,8 @@ class Backbone:
         full and sliding-window layers, as Gemma 3 does)."""
         q_pos, k_pos = queries.positions.unsqueeze(2), keys.positions.unsqueeze(1)
         allowed = keys.real.unsqueeze(1) & (k_pos <= q_pos)
-        allowed &= (keys.groups.unsqueeze(1) < 0) | (keys.groups.unsqueeze(1) == queries.groups.unsqueeze(2))
+        k_node, k_last, q_node = keys.nodes.unsqueeze(1), keys.last.unsqueeze(1), queries.nodes.unsqueeze(2)
+        allowed &= (k_node < 0) | ((k_node <= q_node) & (q_node <= k_last))  # shared, or an ancestor (or itself)
         n_queries = q_pos.shape[1]
         # Every query sees its own key (the last Q keys are the queries'), so padding never attends to nothing.
         allowed[:, :, -n_queries:] |= torch.eye(n_queries, dtype=torch.bool, device=allowed.device)

@@ -299,9 +299,9 @@ def evaluate_cmd(
             _fail(err)
     rows = task_model.encode([e.fields for e in examples], [str(e.label) for e in examples])
     _warn_cuts(rows.encoded, [e.source for e in examples], info.max_length)
-    with _progress("scoring", len(examples)) as advance:
-        probs = task_model.predict_proba(rows, batch_size, advance)
-    report = classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), task_model.labels)
+    with _progress("scoring", len(examples)) as advance:  # only the answers: the pruned search
+        predicted = task_model.predict(rows, batch_size, advance)
+    report = classification_report(rows.labels.tolist(), predicted.tolist(), task_model.labels)
     if as_json:
         print(json.dumps(report))
         return
@@ -356,6 +356,13 @@ def predict(
     top_p: TopP = 1.0,
     stop: Stop = None,
     column: ColumnMap = None,
+    probabilities: Annotated[
+        bool,
+        typer.Option(
+            "--probabilities/--no-probabilities",
+            help="classification: every label's probability, or only the label (found without scoring every label)",
+        ),
+    ] = True,
 ) -> None:
     """Label (classification) or answer (generation) one text, or every row of --input (JSONL out)."""
     if (text is None) == (input is None):
@@ -382,6 +389,10 @@ def predict(
         )
         with _progress("decoding", len(rows)) as advance:
             results = [{"prediction": a} for a in task_model.generate(encoded, config, batch_size, advance)]
+    elif not probabilities:
+        with _progress("scoring", len(rows)) as advance:
+            predicted = task_model.predict(encoded, batch_size, advance)
+        results = [{"label": task_model.labels[int(i)]} for i in predicted]
     else:
         with _progress("scoring", len(rows)) as advance:
             probs = task_model.predict_proba(encoded, batch_size, advance)
@@ -398,9 +409,9 @@ def predict(
 
 
 def _show_one(result: dict) -> None:
-    """One text's answer on the terminal: the generation, or the labels by probability."""
-    if "prediction" in result:
-        Console().print(result["prediction"], highlight=False, markup=False)
+    """One text's answer on the terminal: the generation, the label alone, or the labels by probability."""
+    if "probabilities" not in result:
+        Console().print(result.get("prediction", result.get("label")), highlight=False, markup=False)
         return
     table = Table("label", "probability", title=f"prediction: [bold]{result['label']}")
     for label, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]):

@@ -301,7 +301,7 @@ def zero_shot_at_chance(task: Task) -> list[Finding]:
     rows = hold_out(task.splits.validation, ZERO_SHOT_ROWS, task.spec.train.seed, by_label=True, leave_one=False)[1]
     model = task.model.zero_shot()
     encoded = model.encode([e.fields for e in rows], [str(e.label) for e in rows])
-    predicted = model.predict_proba(encoded, task.spec.train.eval_batch_size).argmax(-1)
+    predicted = model.predict(encoded, task.spec.train.eval_batch_size)
     accuracy = float((predicted == encoded.labels).float().mean())
     return chance_finding(accuracy, [str(e.label) for e in rows], len(task.verbalizer.labels), task.spec.model)
 

@@ -165,11 +165,13 @@ class BatchRow:
     lm: PromptedLM
     prefix: Prefix
     ids: list[int]
-    # A packed row (several continuations of one text in one sequence) says where each token sits
-    # after the prefix (default 0, 1, 2, ...) and its group (default -1: seen by every later token of
-    # the row; k >= 0: seen only by later tokens of group k).
+    # A row continued by a tree (the label trie: continuations that share their first tokens) says
+    # where each token sits after the prefix (default 0, 1, 2, ...), its node (default -1: the row's
+    # own tokens, seen by every later token) and the last node of its subtree: tree nodes are numbered
+    # in pre-order and a node is seen by itself and its descendants only (`backbone.Layout`).
     offsets: list[int] | None = None
-    groups: list[int] | None = None
+    nodes: list[int] | None = None
+    last: list[int] | None = None
 
 
 def splice_rows(rows: list[BatchRow], ids: torch.Tensor) -> torch.Tensor:
@@ -192,8 +194,9 @@ def run_rows(rows: list[BatchRow]) -> BatchOutput:
     ids, mask = pad([row.ids for row in rows])
     starts = torch.tensor([row.prefix.length for row in rows])
     offsets, _ = pad([row.offsets if row.offsets is not None else list(range(len(row.ids))) for row in rows])
-    groups, _ = pad([row.groups if row.groups is not None else [-1] * len(row.ids) for row in rows], value=-1)
-    layout = Layout.of(starts.unsqueeze(1) + offsets, mask, groups)
+    nodes, _ = pad([row.nodes if row.nodes is not None else [-1] * len(row.ids) for row in rows], value=-1)
+    last, _ = pad([row.last if row.last is not None else [-1] * len(row.ids) for row in rows], value=-1)
+    layout = Layout.of(starts.unsqueeze(1) + offsets, mask, nodes, last)
     context = batch_context(backbone, [row.prefix for row in rows])
     hidden, context = backbone.run(splice_rows(rows, ids), layout, context)
     return BatchOutput(hidden, context, mask, mask.sum(1), starts)

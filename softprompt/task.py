@@ -254,8 +254,8 @@ class ClassificationTask(Task):
 
     def score(self, model: Classifier, role: str, progress: Progress | None = None) -> dict:
         rows = self._rows_for(model, role)
-        probs = model.predict_proba(rows, self.spec.train.eval_batch_size, progress)
-        return classification_report(rows.labels.tolist(), probs.argmax(-1).tolist(), model.labels)
+        predicted = model.predict(rows, self.spec.train.eval_batch_size, progress)  # the pruned answer
+        return classification_report(rows.labels.tolist(), predicted.tolist(), model.labels)
 
     def final(self, run: Path, progress: Progress | None = None) -> dict:
         """The kept state on the dev rows; the confusion-matrix figure."""

@@ -4,6 +4,9 @@ is the label's score.
 Every (label, word) pair is a *choice*. A choice's score is the teacher-forced log-probability of
 its tokens at the label slot (summed over a multi-token word). A label's score is the log of the
 mean probability of its words, so a label with more words gets no unfair advantage.
+
+The choices' token sequences share prefixes ("card arrival", "card linking", ...): `LabelTrie` holds
+them as a prefix tree, so each distinct prefix is fed to the model once per row.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class Choices:
     def single_token(self) -> bool:
         return all(len(ids) == 1 for ids in self.ids)
 
+    def trie(self, after: list[int]) -> LabelTrie:
+        """The choices' words, each followed by `after` (a row's input after the slot), as a trie."""
+        return LabelTrie.of([ids + after for ids in self.ids], [len(ids) for ids in self.ids])
+
     def label_scores(self, choice_scores: torch.Tensor) -> torch.Tensor:
         """[B, C] choice log-probs -> [B, L] label scores: log of each label's mean word probability."""
         owner = self.owner.to(choice_scores.device)
@@ -84,3 +91,64 @@ class Choices:
             cols = choice_scores[:, owner == label]
             per_label.append(torch.logsumexp(cols, dim=-1) - math.log(cols.shape[1]))
         return torch.stack(per_label, dim=-1)
+
+
+@dataclass
+class LabelTrie:
+    """Token sequences (one per choice: its word, then what follows the slot) as a prefix tree: one
+    node per distinct prefix, numbered in pre-order, so node k's subtree is nodes k..last[k].
+
+    A node's score is log p(its token | the row and its ancestors), read at its parent's hidden
+    state (a first token's at the row's last token): only nodes with children are fed to the model.
+    """
+
+    tokens: list[int]  # node -> its token
+    parent: list[int]  # node -> its parent; -1 for a first token
+    depth: list[int]  # node -> 1 for a first token, 2 for the next, ...
+    last: list[int]  # node -> the last node of its subtree
+    children: list[list[int]]  # node -> its children, in pre-order
+    paths: list[list[int]]  # choice -> its nodes, first token to last
+    words: list[int]  # choice -> tokens of its word (the rest of its path follows the slot)
+
+    @classmethod
+    def of(cls, sequences: list[list[int]], words: list[int]) -> LabelTrie:
+        kids: list[dict[int, int]] = [{}]  # built with the root as 0, then renumbered in pre-order
+        token, ends = [-1], []
+        for sequence in sequences:
+            node = 0
+            for t in sequence:
+                if t not in kids[node]:
+                    kids[node][t] = len(token)
+                    kids.append({})
+                    token.append(t)
+                node = kids[node][t]
+            ends.append(node)
+        order, stack = [], list(reversed(kids[0].values()))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(kids[node].values()))
+        new = {old: k for k, old in enumerate(order)} | {0: -1}
+        children = [[new[c] for c in kids[old].values()] for old in order]
+        parent = [-1] * len(order)
+        for k, kin in enumerate(children):
+            for c in kin:
+                parent[c] = k
+        depth, last = [0] * len(order), list(range(len(order)))
+        for k in range(len(order)):
+            depth[k] = 1 if parent[k] < 0 else depth[parent[k]] + 1
+        for k in reversed(range(len(order))):
+            if children[k]:
+                last[k] = last[children[k][-1]]
+        paths = []
+        for end in ends:
+            path = [new[end]]
+            while parent[path[-1]] >= 0:
+                path.append(parent[path[-1]])
+            paths.append(path[::-1])
+        return cls([token[old] for old in order], parent, depth, last, children, paths, list(words))
+
+    @property
+    def fed(self) -> list[int]:
+        """The nodes fed to the model (those with children), in pre-order."""
+        return [k for k, kin in enumerate(self.children) if kin]

@@ -104,13 +104,13 @@ def test_zero_shot_report_is_the_template_without_soft_tokens_on_the_dev_rows(
     tmp_path, tiny_model_dir, tiny_backbone, monkeypatch
 ):
     scored = []  # (template text, soft tokens, has a prompt, rows) of every dev scoring
-    original = Classifier.predict_proba
+    original = Classifier.predict  # what a report scores with: the answers, not the probabilities
 
     def spy(self, rows, *args, **kwargs):
         scored.append((self.template.segments, self.template.soft_tokens, self.lm.prompt is not None, len(rows)))
         return original(self, rows, *args, **kwargs)
 
-    monkeypatch.setattr(Classifier, "predict_proba", spy)
+    monkeypatch.setattr(Classifier, "predict", spy)
     spec = load_task(write_task(tmp_path, tiny_model_dir, steps=2))
     info = train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet())
     dev = [s for s in scored if s[3] == 10]  # the 10 dev rows: zero-shot before training, the kept prompt after

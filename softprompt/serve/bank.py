@@ -24,7 +24,7 @@ import torch
 
 from ..artifact import load_run
 from ..backbone import Backbone
-from ..classify import Classifier, RowToScore, label_scores
+from ..classify import Classifier, RowToScore, label_answers, label_scores
 from ..generate import DecodeConfig, Decoding, Generator, RowToDecode
 from ..methods import MethodError, method_class
 from ..run import ArtifactError, RunInfo
@@ -185,12 +185,13 @@ class TaskBank:
     @torch.inference_mode()
     def classify_prepared(self, batch: list[Prepared]) -> list[torch.Tensor]:
         """Label probabilities of every row of every prepared request, as one batch."""
-        rows = [
-            RowToScore(p.task.model, p.prefix, body, after)
-            for p in batch
-            for body, after in zip(p.encoded.bodies, p.encoded.afters)
-        ]
-        return [torch.softmax(s.float(), -1).cpu() for s in label_scores(rows)]
+        return [torch.softmax(s.float(), -1).cpu() for s in label_scores(_rows_to_score(batch))]
+
+    @torch.inference_mode()
+    def answer_prepared(self, batch: list[Prepared]) -> list[int]:
+        """The best label's index of every row of every prepared request, as one batch: the pruned
+        search, which leaves unscored the labels that cannot win (`classify.label_answers`)."""
+        return [top[0] for top in label_answers(_rows_to_score(batch))]
 
     def classify(self, items: list[tuple[str, dict[str, str]]]) -> list[dict]:
         """(task, row) pairs, possibly of different tasks -> label and probabilities per row."""
@@ -224,3 +225,11 @@ class TaskBank:
         while not decoding.done:
             decoding.step()
         return [decoding.text(r) for r in range(len(items))]
+
+
+def _rows_to_score(batch: list[Prepared]) -> list[RowToScore]:
+    return [
+        RowToScore(p.task.model, p.prefix, body, after)
+        for p in batch
+        for body, after in zip(p.encoded.bodies, p.encoded.afters)
+    ]

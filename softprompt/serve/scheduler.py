@@ -52,6 +52,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # the client went away: stop spending compute on it
     prepared: Prepared | None = None  # rendered by the worker (a prefix may need the model)
+    answer_only: bool = False  # classify: each row's label index, no probabilities (the pruned search)
 
     @property
     def rows(self) -> int:
@@ -227,11 +228,15 @@ class Scheduler:
             waiting -= len(jobs)
             for job in jobs:
                 job.prepared = self.bank.prepare(job.task, job.inputs)
-            probs = self.bank.classify_prepared([j.prepared for j in jobs])
-            start = 0
-            for job in jobs:
-                job.future.set_result(probs[start : start + job.rows])
-                start += job.rows
+            scored = [j for j in jobs if not j.answer_only]  # every label's probability
+            answered = [j for j in jobs if j.answer_only]  # the label alone
+            probs = self.bank.classify_prepared([j.prepared for j in scored]) if scored else []
+            labels = self.bank.answer_prepared([j.prepared for j in answered]) if answered else []
+            for group, results in ((scored, probs), (answered, labels)):
+                start = 0
+                for job in group:
+                    job.future.set_result(results[start : start + job.rows])
+                    start += job.rows
 
     def _start_waiting_generations(self) -> None:
         running = self.running
