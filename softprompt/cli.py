@@ -588,6 +588,7 @@ def compare(
     model: Annotated[Optional[str], typer.Option(help="override the task's model")] = None,
     eval_limit: Annotated[Optional[int], typer.Option(help="validation rows at most (a seeded, label-stratified sample)")] = None,
     report_limit: Annotated[Optional[int], typer.Option(help="report on at most N of the test rows (a seeded, label-stratified sample)")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="cells run at once, each in its own process with an equal share of the cores (their output goes to cells/ID.log)")] = 1,
 ) -> None:
     """Run methods side by side on the same split, model, loss and steps; write report.md,
     report.html and report.json (dev metric, parameters, artifact size, time, memory, lr chosen)."""
@@ -610,6 +611,7 @@ def compare(
             seeds=[int(s) for s in seeds.split(",")], steps=steps or spec.train.steps or 300,
             test=test_rows, budget_s=parse_budget(budget), model=model, lrs=grids,
             extra=tuple(f"--{flag}={value}" for flag, value in (("eval-limit", eval_limit), ("report-limit", report_limit)) if value),
+            jobs=jobs,
         )
         records, meta = run_compare(plan, console)
     except (*USER_ERRORS, ValueError) as err:
@@ -619,6 +621,10 @@ def compare(
         raise typer.Exit(130) from None
     rows = write_report(out, records, meta)
     Console().print(console_table(rows, meta))
+    console.print(
+        f"wall time of this run: {meta['this_run_seconds']:.0f}s with {jobs} job{'s' if jobs > 1 else ''} "
+        f"(the cells' own time: {meta['wall_seconds']:.0f}s)"
+    )
     console.print(f"report written to {out}/report.md, report.html and report.json")
 
 

@@ -18,8 +18,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -59,6 +60,7 @@ class Plan:
     model: str | None = None
     lrs: dict[str, list[float]] | None = None  # per method; default: the method's own grid
     extra: tuple[str, ...] = ()  # further `softprompt train` flags for every cell
+    jobs: int = 1  # cells run at once, each in its own process
 
     def grid(self, method: str) -> list[float]:
         return list((self.lrs or {}).get(method) or METHODS[method].lrs)
@@ -81,6 +83,8 @@ class Runner:
         self.plan, self.console = plan, console
         self.folder = plan.out / "cells"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.in_flight: dict[str, float] = {}  # running cells' estimated seconds
 
     def record(self, cell: Cell) -> dict | None:
         path = self.folder / f"{cell.id}.json"
@@ -101,20 +105,30 @@ class Runner:
         return None
 
     def run(self, cell: Cell, index: int, total: int) -> dict:
-        """The cell's record: read back when it finished before, else run now (or over budget)."""
+        """The cell's record: read back when it finished before, else run now (or over budget).
+        Cells running beside it count against the budget by their estimates."""
         known = self.record(cell)
         if known is not None and known.get("status") == "done":
             return known
         estimate = self.estimate(cell)
         budget = self.plan.budget_s
-        if budget is not None and self.spent() + (estimate or 0.0) > budget:
-            return _stub(cell, "over_budget", f"the budget ({budget / 60:.0f} min) is spent")
+        with self.lock:
+            committed = self.spent() + sum(self.in_flight.values())
+            if budget is not None and committed + (estimate or 0.0) > budget:
+                return _stub(cell, "over_budget", f"the budget ({budget / 60:.0f} min) is spent")
+            self.in_flight[cell.id] = estimate or 0.0
         guess = f", about {estimate / 60:.1f} min" if estimate else ""
         self.console.rule(f"[bold]cell {index}/{total}: {cell.method}, shots {cell.shots}, seed {cell.seed}" + (f", lr {cell.lr:g}" if cell.lr else "") + guess)
         if estimate and estimate > LONG_CELL_S:
             self.console.print(f"[yellow]warning:[/] {cell.method} trains {_what(cell.method)}: this cell will take about {estimate / 60:.0f} minutes")
-        record = self._execute(cell)
-        write_atomic(self.folder / f"{cell.id}.json", json.dumps(record, indent=1))
+        try:
+            record = self._execute(cell)
+            write_atomic(self.folder / f"{cell.id}.json", json.dumps(record, indent=1))
+        finally:
+            with self.lock:
+                del self.in_flight[cell.id]
+        if self.plan.jobs > 1:
+            self.console.print(f"cell {cell.id}: {record['status']} in {record.get('wall_seconds', 0):.0f}s (output: {self._log(cell)})")
         return record
 
     def _execute(self, cell: Cell) -> dict:
@@ -123,7 +137,7 @@ class Runner:
             shutil.rmtree(run)
         command = self._command(cell, run)
         started = time.perf_counter()
-        child = subprocess.Popen(command)
+        child = self._start(command, cell)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
@@ -132,6 +146,19 @@ class Runner:
                 raise KeyboardInterrupt
             return {**_stub(cell, "failed", f"`{shlex.join(command)}` exited with {child.returncode}"), "wall_seconds": wall}
         return _from_run(cell, run, wall, usage.ru_maxrss / 1024)
+
+    def _start(self, command: list[str], cell: Cell) -> subprocess.Popen:
+        """One job: the child writes to this terminal. Several: each writes to its own log, and
+        gets an equal share of the cores (torch would otherwise start a thread per core in each)."""
+        if self.plan.jobs == 1:
+            return subprocess.Popen(command)
+        threads = str(max(1, (os.cpu_count() or 1) // self.plan.jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        with self._log(cell).open("w") as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def _log(self, cell: Cell) -> Path:
+        return self.folder / f"{cell.id}.log"
 
     def _command(self, cell: Cell, run: Path) -> list[str]:
         plan = self.plan
@@ -247,23 +274,7 @@ def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
     plan.methods = [m for m in plan.methods if m not in skipped]
     started = time.perf_counter()
     runner = Runner(plan, console)
-    search = search_cells(plan)
-    total = len(search) + len(final_cells(plan, {}))
-    records: list[dict] = []
-    chosen: dict[str, float | None] = {}
-
-    def run(cells: list[Cell]) -> None:
-        for cell in cells:
-            records.append(runner.run(cell, len(records) + 1, total))
-
-    for method in plan.methods:  # each method's search, then its first seed: complete rows early
-        run([c for c in search if c.method == method])
-        if METHODS[method].trains:
-            chosen[method] = choose_lr(method, records)
-            if chosen[method] is not None:
-                console.print(f"learning rate for {method}: {chosen[method]:g} (best validation of {plan.grid(method)})")
-        run([c for c in final_cells(plan, chosen) if c.method == method and c.seed == plan.seeds[0]])
-    run([c for c in final_cells(plan, chosen) if c.seed != plan.seeds[0]])
+    records, chosen = Schedule(plan, runner, console).run()
     records += _shared_baselines(records, plan)
     notes = [f"{m} is for classification tasks: not run on this {kind} task" for m in skipped]
     notes += [f"every cell ran `softprompt train` with {flag}" for flag in plan.extra]
@@ -283,10 +294,94 @@ def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
         "budget_seconds": plan.budget_s,
         "wall_seconds": round(runner.spent(), 1),
         "this_run_seconds": round(time.perf_counter() - started, 1),
+        "jobs": plan.jobs,
         "notes": notes,
         "chosen_lr": chosen,
     }
     return records, meta
+
+
+class Schedule:
+    """The grid's cells in the order they are wanted (each method's search, then its first seed, so
+    rows of the table complete early; then the other seeds), each started as soon as a job is free
+    and, for a final cell, its method's search has finished and chosen the learning rate. With one
+    job that is exactly the order above, run in this thread; with N, N worker threads each wait on
+    a child process."""
+
+    def __init__(self, plan: Plan, runner: Runner, console: Console) -> None:
+        self.plan, self.runner, self.console = plan, runner, console
+        search, finals = search_cells(plan), final_cells(plan, {})
+        first = plan.seeds[0]
+        self.order = [c for m in plan.methods for c in search + finals if c.method == m and (c.stage == "search" or c.seed == first)]
+        self.order += [c for c in finals if c.seed != first]
+        self.waiting = list(range(len(self.order)))
+        self.searching = {m: sum(c.method == m for c in search) for m in plan.methods}  # unfinished search cells
+        self.records: dict[int, dict] = {}
+        self.chosen: dict[str, float | None] = {}
+        self.started = 0
+        self.failure: BaseException | None = None
+        self.ready = threading.Condition()
+
+    def run(self) -> tuple[list[dict], dict[str, float | None]]:
+        """Every cell's record, in the wanted order, and each trained method's chosen rate."""
+        if self.plan.jobs == 1:
+            self._work()
+        else:
+            workers = [threading.Thread(target=self._work, daemon=True) for _ in range(self.plan.jobs)]
+            for worker in workers:
+                worker.start()
+            try:
+                for worker in workers:
+                    worker.join()
+            except KeyboardInterrupt:
+                self._stop(KeyboardInterrupt())
+        if self.failure is not None:
+            raise self.failure
+        return [self.records[i] for i in sorted(self.records)], self.chosen
+
+    def _work(self) -> None:
+        while (item := self._next()) is not None:
+            position, cell, index = item
+            try:
+                record = self.runner.run(cell, index, len(self.order))
+            except BaseException as err:  # noqa: BLE001 - handed to run(), which raises it
+                self._stop(err)
+                return
+            with self.ready:
+                self.records[position] = record
+                if cell.stage == "search":
+                    self.searching[cell.method] -= 1
+                self.ready.notify_all()
+
+    def _next(self) -> tuple[int, Cell, int] | None:
+        """The first waiting cell that can start (its learning rate known), waiting for one if none can."""
+        with self.ready:
+            while self.waiting and self.failure is None:
+                for position in self.waiting:
+                    cell = self.order[position]
+                    if cell.stage == "search" or self.searching[cell.method] == 0:
+                        self.waiting.remove(position)
+                        self.started += 1
+                        return position, self._with_rate(cell), self.started
+                self.ready.wait()
+            return None
+
+    def _with_rate(self, cell: Cell) -> Cell:
+        """A final cell of a trained method at the rate its search chose (the default if none finished)."""
+        kind = METHODS[cell.method]
+        if cell.stage == "search" or not kind.trains:
+            return cell
+        if cell.method not in self.chosen:
+            searched = [r for r in self.records.values() if r["stage"] == "search"]
+            self.chosen[cell.method] = choose_lr(cell.method, searched)
+            if self.chosen[cell.method] is not None:
+                self.console.print(f"learning rate for {cell.method}: {self.chosen[cell.method]:g} (best validation of {self.plan.grid(cell.method)})")
+        return replace(cell, lr=self.chosen[cell.method] or kind.lr)
+
+    def _stop(self, err: BaseException) -> None:
+        with self.ready:
+            self.failure = self.failure or err
+            self.ready.notify_all()
 
 
 def _shared_baselines(records: list[dict], plan: Plan) -> list[dict]:
