@@ -11,6 +11,11 @@ tokens: "card arrival", "lost or stolen card", ...), labels said by their own na
   answer  the pruned search, the best label only (`predict`: eval, validation, predict
           --no-probabilities, serve's answer);
 
+  label_vectors  one vector per label read at the slot (`label_vectors: per_label`): one projection,
+          no label token fed; the run's own vectors with `--run` (when it has them), else the start
+          the model's reading gives them (`classify.start_label_head`), whose accuracy on the rows
+          is printed beside the frozen words' (`step0_accuracy`);
+
 and, for scale, the same rows against two single-token labels. The prompt is the untrained `vocab`
 init, or with `--run` the prompt, template and verbalizer of a run trained on Banking77: the full
 scorings' speed does not depend on training, the pruned answer's does (a sure model expands few
@@ -112,7 +117,8 @@ def timed(score, classifier, examples) -> tuple[torch.Tensor, float]:
 
 
 def measure(classifier, examples, batch_size: int, packed: bool) -> tuple[dict, bool]:
-    """Rows/s of each scoring path on the same rows, and whether the pruned answers equal the full argmax."""
+    """Rows/s of each scoring path on the same rows, whether the pruned answers equal the full
+    argmax, and the full probabilities."""
     import softprompt.classify as classify
 
     fed = []
@@ -151,7 +157,26 @@ def measure(classifier, examples, batch_size: int, packed: bool) -> tuple[dict, 
     if packed:
         results["packed_answers_identical"] = packed_probs.argmax(-1).tolist() == probs.argmax(-1).tolist()
         results["packed_max_abs_log_prob_gap"] = float((packed_probs.log() - probs.log()).abs().max())
-    return results, identical
+    return results, identical, probs
+
+
+def measure_label_vectors(many, examples, batch_size: int, full: torch.Tensor | None) -> dict:
+    """Rows/s of per-label vectors on the same rows (the run's, or their start), and their accuracy
+    there beside the frozen words' (`full`: the words' probabilities, when the start is measured)."""
+    from softprompt.calibration import CONTENT_FREE
+    from softprompt.classify import start_label_head
+
+    head = many
+    if many.label_head is None:
+        fit = many.encode([{name: text for name in many.template.fields} for text in CONTENT_FREE if text])
+        head = many.with_label_head(start_label_head(many, fit))
+    probs, rows_per_s = timed(lambda rows: head.predict_proba(rows, batch_size), head, examples)
+    results = {"rows_per_s_label_vectors": round(rows_per_s, 2)}
+    truth = torch.tensor([many.labels.index(str(e.label)) for e in examples])
+    results["label_vectors_accuracy"] = round(float((probs.argmax(-1) == truth).float().mean()), 4)
+    if full is not None:
+        results["words_accuracy"] = round(float((full.argmax(-1) == truth).float().mean()), 4)
+    return results
 
 
 def main() -> None:
@@ -184,9 +209,11 @@ def main() -> None:
         "rows": len(examples), "batch_size": args.batch_size, "model": args.model,
         "prompt": str(args.run) if args.run else "vocab init",
     }
-    results["labels_77"], same_77 = measure(many, examples, args.batch_size, packed=True)
+    words = many.with_label_head(None)
+    results["labels_77"], same_77, probs = measure(words, examples, args.batch_size, packed=True)
+    results["labels_77"].update(measure_label_vectors(many, examples, args.batch_size, None if many.label_head else probs))
     print("labels_77", json.dumps(results["labels_77"]), flush=True)
-    labels_2, same_2 = measure(two, examples, args.batch_size, packed=False)
+    labels_2, same_2, _ = measure(two, examples, args.batch_size, packed=False)
     results["labels_2"] = {"rows_per_s": labels_2["rows_per_s_full"], **labels_2}
     print("labels_2", json.dumps(results["labels_2"]), flush=True)
     results["answers_identical"] = same_77 and same_2

@@ -14,8 +14,9 @@ from .calibration import prior_of
 from .classify import Classifier
 from .generate import Generator
 from .methods import MethodError, method_class
-from .methods.base import load_label_rows
+from .methods.base import load_label_head, load_label_rows
 from .run import INFO_FILE, ArtifactError, RunInfo, check_model
+from .taskfile import PER_LABEL
 from .template import Template
 from .verbalizer import Verbalizer
 
@@ -35,10 +36,12 @@ def load_run(run: str | Path, backbone: Backbone | None = None) -> tuple[Classif
         target_length = (info.generation or {}).get("max_target_length", 256)
         return Generator(backbone, template, prompt, info.max_length, target_length), info
     verbalizer = Verbalizer.from_spec(info.verbalizer or {})
-    rows = load_label_rows(run, len(verbalizer.all_words()), backbone) if info.label_vectors else None
+    per_label = info.method_settings.get("label_vectors") == PER_LABEL
+    head = load_label_head(run, len(verbalizer.labels), backbone) if per_label else None
+    rows = load_label_rows(run, len(verbalizer.all_words()), backbone) if info.label_vectors and not per_label else None
     model = Classifier(
         backbone, Template.parse(info.template), verbalizer, prompt, info.max_length, prior_of(info),
-        length_norm=info.label_scores == "mean", label_rows=rows,
+        length_norm=info.label_scores == "mean", label_rows=rows, label_head=head,
     )
     return kind.loaded(model, Path(run), info), info
 

@@ -10,6 +10,10 @@ best labels exactly without scoring the whole trie: a label never scores above w
 gathered, so the most promising prefixes are expanded first and the search stops when no open
 prefix can beat the best complete label.
 
+With one vector per label (`label_vectors: per_label`, `verbalizer.LabelHead`) no label token is
+fed at all: a label's score is the slot's hidden state times its own vector, plus its bias, one
+projection whatever the names' lengths, so such a row costs what a row of two one-token labels does.
+
 Label before input: we score each label by the likelihood of the whole filled-in sequence (the
 label's word followed by the rest of the template with the row's input). A causal model cannot
 read the label after input it has not seen yet, so this is the only faithful reading; the input
@@ -28,7 +32,7 @@ import torch
 from .backbone import Backbone, Context, Layout
 from .splice import PAD_ID, BatchRow, Prefix, Prompt, PromptedLM, run_rows
 from .template import RenderedRows, Template
-from .verbalizer import Choices, LabelTrie, Verbalizer
+from .verbalizer import Choices, LabelHead, LabelTrie, Verbalizer
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -53,12 +57,15 @@ class Classifier:
         prior: torch.Tensor | None = None,
         length_norm: bool = False,
         label_rows: torch.Tensor | None = None,
+        label_head: LabelHead | None = None,
     ) -> None:
         """`prior`: [L] label probabilities on content-free inputs, divided out of every prediction
         (contextual calibration, methods/zero_shot.py); None leaves scores as the model gives them.
         `length_norm`: a word's score is its mean log-probability per token, so long label names are
         not penalised (the task's `label_scores: mean`). `label_rows`: [C, H] output vectors that read
-        each choice's first token in place of the frozen output rows (learned label vectors, WARP)."""
+        each choice's first token in place of the frozen output rows (learned label vectors, WARP).
+        `label_head`: one vector per label read at the slot in place of the label words
+        (`label_vectors: per_label`): no label token is scored then."""
         self.backbone = backbone
         self.template = template
         self.verbalizer = verbalizer
@@ -69,13 +76,14 @@ class Classifier:
         self.log_prior = None if prior is None else self.prior.log()
         self.length_norm = length_norm
         self.label_rows = label_rows
+        self.label_head = label_head
         self._trie = self.choices.trie([])  # the label trie of every row with nothing after its slot
 
     def _with(self, **changes) -> Classifier:
         """A copy with some of the constructor's arguments changed."""
         now = dict(
             template=self.template, prompt=self.lm.prompt, max_length=self.max_length, prior=self.prior,
-            length_norm=self.length_norm, label_rows=self.label_rows,
+            length_norm=self.length_norm, label_rows=self.label_rows, label_head=self.label_head,
         )
         return Classifier(self.backbone, verbalizer=self.verbalizer, **{**now, **changes})
 
@@ -87,13 +95,17 @@ class Classifier:
         """The same classifier reading the label slot with learned output rows (None: the model's)."""
         return self._with(label_rows=rows)
 
+    def with_label_head(self, head: LabelHead | None) -> Classifier:
+        """The same classifier reading each label by its own vector at the slot (None: by its words)."""
+        return self._with(label_head=head)
+
     def with_prompt(self, prompt: Prompt | None) -> Classifier:
         """The same template, verbalizer, model and length with another prompt (checked against the
-        template); None drops the soft tokens, the calibration and learned label rows (plain
-        prompting, the zero-shot baseline)."""
+        template); None drops the soft tokens, the calibration and learned label rows or vectors
+        (plain prompting, the zero-shot baseline)."""
         if prompt is None:
             template = self.template.without_soft() if self.template.soft_tokens else self.template
-            return self._with(template=template, prompt=None, prior=None, label_rows=None)
+            return self._with(template=template, prompt=None, prior=None, label_rows=None, label_head=None)
         return self._with(prompt=prompt)
 
     def zero_shot(self) -> Classifier:
@@ -115,7 +127,10 @@ class Classifier:
         return self.lm.run_prefix(encoded.prefix)
 
     def trie(self, after: list[int]) -> LabelTrie:
-        """The label trie of a row whose slot is followed by `after` (its input, label before input)."""
+        """The label trie of a row whose slot is followed by `after` (its input, label before input);
+        empty when the labels are read by their own vectors (nothing is fed after the row)."""
+        if self.label_head is not None:
+            return NO_LABEL_TOKENS
         return self.choices.trie(after) if after else self._trie
 
     def scores(self, prefix: Prefix, bodies: list[list[int]], afters: list[list[int]]) -> torch.Tensor:
@@ -124,6 +139,17 @@ class Classifier:
 
     def _to_score(self, prefix: Prefix, rows: ClassificationRows, index: list[int]) -> list[RowToScore]:
         return [RowToScore(self, prefix, rows.encoded.bodies[i], rows.encoded.afters[i]) for i in index]
+
+    @torch.no_grad()
+    def slot_states(self, rows: ClassificationRows, batch_size: int = 16) -> torch.Tensor:
+        """[N, H] each row's hidden state at its label slot (fp32, on the CPU), in row order."""
+        prefix = self.prefix(rows.encoded)
+        states = torch.zeros(len(rows), self.backbone.hidden_size)
+        for index in self.batches(rows, batch_size):
+            batch = self._to_score(prefix, rows, index)
+            out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in batch])
+            states[index] = _slot_hidden(batch, out.hidden).float().cpu()
+        return states
 
     def batches(self, rows: ClassificationRows, batch_size: int) -> Iterator[list[int]]:
         """Index batches sorted by length, so little compute goes to padding."""
@@ -169,6 +195,24 @@ class Classifier:
         return torch.nn.functional.cross_entropy(scores, rows.labels[index].to(scores.device))
 
 
+@torch.no_grad()
+def start_label_head(classifier: Classifier, fit: ClassificationRows) -> LabelHead:
+    """One vector per label that starts as the model's own reading of the label's name: its first
+    token's output row (with `length_norm` divided by the word's tokens, as its score is; averaged
+    over a label's words), and a bias that makes the head score the `fit` rows (content-free
+    inputs) as the frozen words do, up to a per-row constant. The bias carries what a name's later
+    tokens add, which its first token cannot ("card arrival" and "card linking" share " card")."""
+    choices = classifier.choices
+    divisors = torch.tensor(_divisors(classifier), dtype=torch.float32)[:, None]
+    rows = classifier.backbone.output_rows(choices.first_ids).cpu() / divisors
+    counts = torch.bincount(choices.owner, minlength=choices.n_labels).float()[:, None]
+    vectors = torch.zeros(choices.n_labels, rows.shape[1]).index_add(0, choices.owner, rows) / counts
+    words = classifier.with_label_head(None).calibrated(None)
+    gap = words.predict_proba(fit).log() - words.slot_states(fit) @ vectors.T  # [n, L]
+    gap = gap - gap.mean(1, keepdim=True)  # a row's constant is free (its softmax ignores it)
+    return LabelHead(vectors, gap.mean(0))
+
+
 @dataclass
 class RowToScore:
     """A row to classify: its task's classifier, the prefix it follows, its ids before and after the slot."""
@@ -188,7 +232,8 @@ def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
     choices' words, each followed by the input after a label slot), every distinct prefix once, at
     the positions it would have right after the row, under a tree mask: a node sees the row and its
     own ancestors, nothing else. A first token is read at the row's last token from the label rows of
-    the output projection only; every later token at its parent node, over the whole vocabulary."""
+    the output projection only; every later token at its parent node, over the whole vocabulary. A
+    row of a task with one vector per label feeds nothing after its own tokens (`_head_scores`)."""
     tries = [row.classifier.trie(row.after) for row in rows]
     packed = []
     for row, trie in zip(rows, tries):
@@ -198,13 +243,20 @@ def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
         nodes, last = [-1] * n + fed, [-1] * n + [trie.last[k] for k in fed]
         packed.append(BatchRow(row.classifier.lm, row.prefix, ids, offsets, nodes, last))
     out = run_rows(packed)
-    first = _first_scores(rows, _slot_hidden(rows, out.hidden))
+    slot = _slot_hidden(rows, out.hidden)
+    result: list[torch.Tensor] = [slot[0, :0]] * len(rows)
+    by_words = [r for r, row in enumerate(rows) if row.classifier.label_head is None]
+    for r, scores in _head_scores(rows, slot).items():
+        result[r] = scores
+    if not by_words:
+        return result
+    first = dict(zip(by_words, _first_scores([rows[r] for r in by_words], slot[by_words])))
     where: list[tuple[int, int]] = []  # (row, column) of each fed node
     parents, tokens = [], []  # each node below the first tokens: its parent (index into `where`), its token
     owners, edges, in_word = [], [], []  # each choice's nodes below its first: choice, edge, in its word?
     choice = 0
-    for r, (row, trie) in enumerate(zip(rows, tries)):
-        edge = {}
+    for r in by_words:
+        row, trie, edge = rows[r], tries[r], {}
         for column, k in enumerate(trie.fed, start=len(row.body)):
             for c in trie.children[k]:
                 edge[c] = len(tokens)
@@ -216,7 +268,7 @@ def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
             edges += [edge[node] for node in path[1:]]
             in_word += [j < word for j in range(1, len(path))]
             choice += 1
-    flat = torch.cat(first)  # choice scores of every row, row after row
+    flat = torch.cat([first[r] for r in by_words])  # choice scores of every row, row after row
     after = torch.zeros_like(flat)  # log-probabilities of the input that follows a slot
     if where:
         at = torch.tensor(where).to(out.hidden.device)
@@ -228,14 +280,30 @@ def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
         after = after.index_add(0, owner[~word], logp[~word])
     # label_scores: mean divides each word's log-probability by its own tokens (not by the input
     # after the slot, the same for every word); sum keeps it whole
-    flat = flat / torch.tensor([d for row in rows for d in _divisors(row.classifier)]).to(flat.device) + after
-    per_row = flat.split([len(row.classifier.choices.ids) for row in rows])
-    result: list[torch.Tensor] = list(per_row)
-    for members in _by_task([row.classifier for row in rows]).values():
+    divisors = [d for r in by_words for d in _divisors(rows[r].classifier)]
+    flat = flat / torch.tensor(divisors).to(flat.device) + after
+    per_row = dict(zip(by_words, flat.split([len(rows[r].classifier.choices.ids) for r in by_words])))
+    for members in _by_task([rows[r].classifier for r in by_words]).values():
+        members = [by_words[i] for i in members]
         labels = _label_values(rows[members[0]].classifier, torch.stack([per_row[r] for r in members]))
         for r, scores in zip(members, labels):
             result[r] = scores
     return result
+
+
+def _head_scores(rows: list[RowToScore], slot_hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Row -> [L] label scores, for the rows whose labels are read by their own vectors (`LabelHead`,
+    one projection per task), less the calibration prior."""
+    read = [r for r, row in enumerate(rows) if row.classifier.label_head is not None]
+    out: dict[int, torch.Tensor] = {}
+    for members in _by_task([rows[r].classifier for r in read]).values():
+        members = [read[i] for i in members]
+        classifier = rows[members[0]].classifier
+        scores = classifier.label_head.scores(slot_hidden[members])
+        if classifier.log_prior is not None:
+            scores = scores - classifier.log_prior.to(scores.device)
+        out.update(zip(members, scores))
+    return out
 
 
 def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
@@ -257,9 +325,19 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
     scores agree to ~1e-5, so only a tie that close could go the other way."""
     backbone = rows[0].classifier.backbone
     out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in rows])
-    first = _first_scores(rows, _slot_hidden(rows, out.hidden))
-    searching = [_Search(row, scores.tolist(), k) for row, scores in zip(rows, first)]
-    answers, context = list(searching), out.context
+    slot = _slot_hidden(rows, out.hidden)
+    answers: list[list[int]] = [[] for _ in rows]
+    for r, scores in _head_scores(rows, slot).items():  # read in one projection: nothing to search
+        answers[r] = sorted(range(len(scores)), key=lambda label: -float(scores[label]))[:k]  # stable: ties to the lower index
+    by_words = [r for r, row in enumerate(rows) if row.classifier.label_head is None]
+    if not by_words:
+        return answers
+    first = _first_scores([rows[r] for r in by_words], slot[by_words])
+    searching = [_Search(rows[r], scores.tolist(), k) for r, scores in zip(by_words, first)]
+    context = out.context
+    if len(by_words) < len(rows):
+        context.select(torch.tensor(by_words, device=backbone.device))
+    searches = list(searching)
     while True:
         width = max(1, STEP_TOKENS // len(searching))
         nodes = [s.next_nodes(bounds, width) for s, bounds in zip(searching, _label_bounds(searching))]
@@ -279,7 +357,9 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
         for (i, j), kin in zip(fed, children):
             searching[i].advance(nodes[i][j], dict(zip(kin, logp[: len(kin)])))
             logp = logp[len(kin) :]
-    return [s.answer for s in answers]
+    for r, search in zip(by_words, searches):
+        answers[r] = search.answer
+    return answers
 
 
 def _feed(
@@ -414,6 +494,8 @@ def _label_bounds(searches: list[_Search]) -> list[list[float]]:
             out[i] = values
     return out
 
+
+NO_LABEL_TOKENS = LabelTrie.of([], [])  # what a row whose labels are read by their own vectors feeds after it
 
 # Label nodes one step of the pruned search feeds at most, over the batch. A step reads every weight
 # of the model whatever it feeds: on SmolLM2-135M, 32 Banking77 rows, untrained prompt (2 CPU cores),

@@ -130,6 +130,7 @@ class GenerationSpec(BaseModel):
 
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+PER_LABEL = "per_label"  # label_vectors: one vector per label (verbalizer.LabelHead)
 GENERATION_METRICS = ("bleu", "chrf", "rouge_l", "exact_match", "f1", "parse_rate", "pass_rate")
 
 
@@ -154,9 +155,22 @@ class TaskSpec(BaseModel):
         description="a label word's score: sum of its tokens' log-probabilities, or their mean (long "
         "label names are then not penalised)",
     )
-    label_vectors: bool = Field(
-        False, description="also train one output vector per label word, started from its first token's row (WARP)"
+    label_vectors: bool | Literal["per_label"] = Field(
+        False,
+        description="true: also train each label word's first-token output row (WARP); per_label: one output "
+        "vector per label read at the slot, no label token scored (labels sharing a first token told apart, and "
+        "a row costs what two one-token labels cost); false: the model's own rows",
     )
+
+    @field_validator("label_vectors", mode="before")
+    @classmethod
+    def _label_vector_kind(cls, value):
+        if isinstance(value, bool) or value == PER_LABEL:
+            return value
+        raise ValueError(
+            f"{value!r} is not one of false, true (learn each label word's first-token row) or "
+            f"{PER_LABEL} (one vector per label)"
+        )
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     train: TrainSettings = Field(default_factory=TrainSettings)
     base_dir: str = Field(".", exclude=True)

@@ -448,9 +448,27 @@ def _outcome(info: RunInfo, kind: type[Method]) -> str:
     if kind.fits:
         kept = f"{kind.name}: fitted in {metrics['train_seconds']:.1f}s, no gradient steps"
     if "dev" not in metrics:
-        return f"{kept}; validation {info.training['metric']} {metrics['validation']['kept'][info.training['metric']]:.3f}"
+        return f"{kept}; validation {info.training['metric']} {metrics['validation']['kept'][info.training['metric']]:.3f}{_short_of_zero_shot(info, kind)}"
     zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
-    return f"{kept}; on {metrics['rows']['dev']} dev rows: {_describe(summarize(metrics['dev']))}{zero}"
+    return f"{kept}; on {metrics['rows']['dev']} dev rows: {_describe(summarize(metrics['dev']))}{zero}{_short_of_zero_shot(info, kind)}"
+
+
+def _short_of_zero_shot(info: RunInfo, kind: type[Method]) -> str:
+    """What the end line adds when training did not beat zero-shot prompting on the validation rows
+    (the kept state, calibrated where calibration was kept): the template alone does as well."""
+    metric, validation = info.training["metric"], info.metrics["validation"]
+    zero = validation.get("zero_shot", {}).get(metric)
+    if not kind.trains or zero is None:
+        return ""
+    kept = validation["kept"][metric]
+    if calibration.prior_of(info) is not None and "calibrated" in validation:
+        kept = validation["calibrated"][metric]
+    if kept > zero:
+        return ""
+    return (
+        f"; training did not beat zero-shot on the validation rows ({metric} {kept:.3f}, zero-shot {zero:.3f}): "
+        "the template alone does as well"
+    )
 
 
 def _task_for(spec: TaskSpec, kind: type[Method], backbone: Backbone) -> tuple[Task, dict]:

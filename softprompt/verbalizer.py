@@ -152,3 +152,24 @@ class LabelTrie:
     def fed(self) -> list[int]:
         """The nodes fed to the model (those with children), in pre-order."""
         return [k for k, kin in enumerate(self.children) if kin]
+
+
+class LabelHead(torch.nn.Module):
+    """One output vector (and bias) per label, read at the label slot: a label's score is
+    `hidden · vector + bias`, one projection whatever the label names' lengths, so a row costs one
+    pass over its own tokens and no label token is fed (the task's `label_vectors: per_label`).
+
+    Labels sharing a first token ("card arrival", "card linking") get vectors of their own, which
+    the first-token rows of `label_vectors: true` cannot give them."""
+
+    def __init__(self, vectors: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.vectors = torch.nn.Parameter(vectors.detach().float().clone())  # [L, H]
+        self.bias = torch.nn.Parameter(bias.detach().float().clone())  # [L]
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H] hidden states at the slot -> [B, L] label scores (up to a per-row constant)."""
+        return hidden.float() @ self.vectors.T + self.bias
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"label_vectors": self.vectors.detach().cpu().contiguous(), "label_bias": self.bias.detach().cpu().contiguous()}

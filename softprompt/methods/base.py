@@ -18,15 +18,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
+from ..calibration import CONTENT_FREE
+from ..classify import start_label_head
 from ..run import ArtifactError, atomic_file
-from ..template import Template
+from ..taskfile import PER_LABEL, TaskError
+from ..template import Template, TemplateError
+from ..verbalizer import LabelHead
 
 if TYPE_CHECKING:
     from ..run import RunInfo
     from ..task import Task
 
 
-LABELS_FILE = "labels.safetensors"  # learned label vectors, [C, H] fp32 tensor `label_rows`
+# learned label vectors: [C, H] fp32 tensor `label_rows` (first-token rows), or with `label_vectors:
+# per_label` [L, H] `label_vectors` and [L] `label_bias` (task.json's method_settings.label_vectors)
+LABELS_FILE = "labels.safetensors"
 
 
 class MethodError(ValueError):
@@ -82,6 +88,7 @@ class Method(torch.nn.Module):
         self.backbone = backbone  # not a Module attribute: the base model's weights are not ours
         self.fit_seconds = 0.0  # spent fitting when built (`fits`); training time, as the loop's steps are
         self.register_parameter("label_rows", None)  # [C, H] learned label vectors (task label_vectors)
+        self.label_head: LabelHead | None = None  # one vector per label (label_vectors: per_label)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -99,13 +106,15 @@ class Method(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(task.spec.train.seed)
             method = cls.create(task, backbone)
-        if task.spec.label_vectors and cls.learns_label_vectors():
+        if task.spec.label_vectors == PER_LABEL and cls.learns_label_vectors():
+            method.label_head = start_label_head(method.apply(task.model), _content_free(task)).to(backbone.device)
+        elif task.spec.label_vectors and cls.learns_label_vectors():
             method.label_rows = torch.nn.Parameter(backbone.output_rows(task.model.choices.first_ids))
         return method
 
     @classmethod
     def learns_label_vectors(cls) -> bool:
-        """Whether `label_vectors: true` trains label vectors beside this method's own tensors: not
+        """Whether `label_vectors` (true or per_label) trains label vectors beside this method's own tensors: not
         for methods that train nothing, nor for those whose state is the model's weights (lora, full)."""
         return cls.trains and not cls.changes_base
 
@@ -120,8 +129,9 @@ class Method(torch.nn.Module):
         return None
 
     def apply(self, model):
-        """The task's classifier or generator with this method in it."""
-        return model.with_prompt(self.prompt())
+        """The task's classifier or generator with this method in it (its label vectors too)."""
+        model = model.with_prompt(self.prompt())
+        return model if self.label_head is None else model.with_label_head(self.label_head)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -129,10 +139,12 @@ class Method(torch.nn.Module):
     def param_groups(self, lr: float, label_lr: float) -> list[dict]:
         """Optimizer groups: the method's tensors, and learned label vectors at their own rate
         (`scale` multiplies the scheduled rate: output rows move the logits far more per step)."""
-        own = [p for name, p in self.trainable().items() if name != "label_rows"]
+        own = [p for name, p in self.trainable().items() if not name.startswith(("label_rows", "label_head."))]
         groups = [{"params": own, "scale": 1.0}] if own else []
-        if self.label_rows is not None:
-            groups.append({"params": [self.label_rows], "scale": label_lr / lr})
+        labels = [p for p in (self.label_rows, self.label_head) if p is not None]
+        if labels:
+            params = [p for t in labels for p in ([t] if isinstance(t, torch.Tensor) else t.parameters())]
+            groups.append({"params": params, "scale": label_lr / lr})
         return groups
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -153,19 +165,23 @@ class Method(torch.nn.Module):
     def write(self, run: Path) -> int:
         """Write the artifact, learned label vectors included; returns the parameters it holds."""
         saved = self.save(run)
-        if self.label_rows is None:
+        if self.label_head is not None:
+            tensors = self.label_head.tensors()
+        elif self.label_rows is not None:
+            tensors = {"label_rows": self.label_rows.detach().cpu().contiguous()}
+        else:
             return saved
         with atomic_file(run / LABELS_FILE) as tmp:
-            save_file({"label_rows": self.label_rows.detach().cpu().contiguous()}, str(tmp))
-        return saved + self.label_rows.numel()
+            save_file(tensors, str(tmp))
+        return saved + sum(t.numel() for t in tensors.values())
 
     def save(self, run: Path) -> int:
         """Write the artifact into the run folder; returns how many parameters it holds."""
         return 0
 
     def info(self) -> dict:
-        """Fields of task.json this method sets (besides its name)."""
-        return {}
+        """Fields of task.json's method_settings this method sets (per-label vectors say so)."""
+        return {"label_vectors": PER_LABEL} if self.label_head is not None else {}
 
     @classmethod
     def load(cls, run: Path, info: RunInfo, backbone: Backbone):
@@ -194,6 +210,45 @@ def load_label_rows(run: str | Path, choices: int, backbone: Backbone) -> torch.
             f"{path}: expected finite label vectors of shape [{choices}, {backbone.hidden_size}], got {list(rows.shape)}"
         )
     return rows.float().to(backbone.device)
+
+
+def load_label_head(run: str | Path, labels: int, backbone: Backbone) -> LabelHead:
+    """A run's per-label vectors, refused unless finite [labels, hidden_size] vectors and [labels] biases."""
+    path = Path(run) / LABELS_FILE
+    try:
+        tensors = load_file(str(path))
+        vectors, bias = tensors["label_vectors"], tensors["label_bias"]
+    except FileNotFoundError as err:
+        raise ArtifactError(f"{path}: file not found (task.json says the run has one vector per label)") from err
+    except (SafetensorError, KeyError, OSError) as err:
+        raise ArtifactError(f"{path}: not a per-label vector file (label_vectors, label_bias): {err}") from err
+    shapes = (tuple(vectors.shape), tuple(bias.shape))
+    if shapes != ((labels, backbone.hidden_size), (labels,)) or not (torch.isfinite(vectors).all() and torch.isfinite(bias).all()):
+        raise ArtifactError(
+            f"{path}: expected finite label vectors [{labels}, {backbone.hidden_size}] and biases [{labels}], "
+            f"got {[list(s) for s in shapes]}"
+        )
+    return LabelHead(vectors, bias).to(backbone.device)
+
+
+def _content_free(task: Task):
+    """The content-free rows ("N/A", "", "[MASK]" in every field) a per-label head starts from;
+    refused when the template puts input after the label slot, where a slot's state cannot read it."""
+    model = task.model
+    if model.template.fields_after_slot:
+        raise TaskError(
+            "label_vectors: per_label reads each label at its slot, so the input must come before {label}; "
+            f"this template puts input after it: {model.template.text!r} (use label_vectors: true or false)"
+        )
+    rows = []
+    for text in CONTENT_FREE:
+        row = {name: text for name in model.template.fields}
+        try:
+            model.encode([row])
+        except TemplateError:
+            continue
+        rows.append(row)
+    return model.encode(rows)
 
 
 def parameters_of(tensors: dict[str, torch.Tensor]) -> int:
