@@ -19,7 +19,7 @@ from .backbone import GEMMA_MODEL, Backbone, model_name
 from .codecheck import NODE_INSTALL, node_available, node_metrics
 from .data import DataError, Example, Rows, hold_out, load_examples
 from .task import Task
-from .taskfile import TaskSpec
+from .taskfile import PER_LABEL, TaskSpec
 
 MAX_WORD_TOKENS = 3  # longer label words: their summed log-probability is low whatever the input
 MAX_IMBALANCE = 3.0  # largest / smallest label count in train
@@ -64,7 +64,11 @@ def diagnose(task: Task, backbone: Backbone, zero_shot: bool = False, trains: bo
 
 # -- label words ------------------------------------------------------------------------------
 def label_words(task: Task, backbone: Backbone) -> list[Finding]:
-    """Words of different labels that start with the same token, and words of many tokens."""
+    """Words of different labels that start with the same token, and words of many tokens.
+    Neither matters with one vector per label (`label_vectors: per_label`): a label is read by its
+    own vector at the slot, not by its words' tokens."""
+    if task.spec.label_vectors == PER_LABEL:
+        return []
     verbalizer = task.verbalizer
     choices = verbalizer.choices(backbone, task.template.slot_lead)
     pairs = [(label, word) for label, words in verbalizer.words.items() for word in words]

@@ -99,6 +99,17 @@ def test_long_label_words_are_no_handicap_with_mean_label_scores(tmp_path, tiny_
     assert "long_label_words" not in codes(findings_for(task, tiny_backbone))
 
 
+def test_label_words_sharing_a_first_token_or_long_are_not_flagged_with_one_vector_per_label(
+    tmp_path, tiny_model_dir, tiny_backbone
+):
+    """per_label reads each label by its own vector at the slot, not by its words' tokens."""
+    task = make_task_file(
+        tmp_path, tiny_model_dir, verbalizer="{positive: [supercalifragilistic], negative: [supercalifornia]}",
+        top="label_vectors: per_label\n",
+    )
+    assert not codes(findings_for(task, tiny_backbone)) & {"shared_first_token", "long_label_words"}
+
+
 def test_a_label_slot_before_the_input_is_flagged(tmp_path, tiny_model_dir, tiny_backbone):
     task = make_task_file(tmp_path, tiny_model_dir, template="{soft:4} Sentiment: {label}. Review: {text}")
     finding = only(findings_for(task, tiny_backbone), "label_before_input")
