@@ -31,6 +31,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "policy_qa" / "
 ANSWER_TOKENS = 16  # generation.max_target_length: 15 answer tokens + the end marker
 TEMPLATE = "{soft:20} Context: {context}\nQuestion: {question}\nAnswer: {target}"
 TRAIN_ROWS = 32
+NEVER_MB = 2**20  # an activation budget no pass reaches (1 TiB): checkpointing off
 HALF_TARGET, LINEAR_TARGET = 0.5, 2.2
 MEASURED_BEFORE_MB = 5300  # issue 18: 512-token rows, batch 8, smollm2-135m
 
@@ -86,10 +87,11 @@ def child(args: argparse.Namespace) -> None:
     from softprompt.train import train
 
     folder = Path(args.folder)
-    spec = TaskSpec.model_validate(task_spec(folder, args.model, args.length, args.steps, args.batch))
+    raw = task_spec(folder, args.model, args.length, args.steps, args.batch)
+    if args.activation_budget_mb is not None:  # MiB a pass may keep before its layers recompute
+        raw["train"]["activation_memory"] = NEVER_MB if args.activation_budget_mb < 0 else int(args.activation_budget_mb)
+    spec = TaskSpec.model_validate(raw)
     backbone = Backbone.load(spec.model)
-    if args.activation_budget_mb is not None:  # bytes a pass may keep before its layers recompute
-        backbone.activation_budget = None if args.activation_budget_mb < 0 else int(args.activation_budget_mb * 2**20)
     loaded_mb = _rss_mb()
     stamps: list[float] = []
     run = folder / f"run_{args.length}"
@@ -153,8 +155,8 @@ def main() -> None:
     parser.add_argument("--baseline-json", type=Path, help="an earlier run's output: compare losses with it")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative loss difference allowed")
     parser.add_argument(
-        "--activation-budget-mb", type=float, default=None,
-        help="Backbone.activation_budget in MiB (default: the package's; 0: recompute every layer; -1: never)",
+        "--activation-budget-mb", type=int, default=None,
+        help="train.activation_memory in MiB (default: the package's; 0: recompute every layer; -1: never)",
     )  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

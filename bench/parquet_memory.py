@@ -6,9 +6,11 @@ rows) and a 200-row dev file in a temporary folder, then runs `softprompt train`
 subprocess and reads that child's peak RSS from os.wait4. Validation is a seeded slice of train
 (`eval_limit` rows), so the large run also exercises the stratified slice over all its rows.
 `--shots K` trains on K rows per label, the few-shot path; without it training reads every
-training row (train.py then encodes every one of them before the first step: measured at ~4.5 KB
-of RSS per row, so the run is killed at `--rss-limit-mb` rather than let it take the machine).
-The last stdout line is one JSON object.
+training row: one pass at the start tokenizes them ENCODE_CHUNK at a time and keeps only their
+lengths (int32, for length bucketing), and each step reads and encodes its own batch
+(task.TrainRows). A run past `--rss-limit-mb` is killed rather than let it take the machine.
+The last stdout line is one JSON object; each run's `wall_s` includes reading the file, the lengths
+pass and the doctor's duplicate check (a second read of every row), `train_seconds` the steps.
 
     python bench/parquet_memory.py                       # 5,000 vs 5,000,000 rows, 100 steps
     python bench/parquet_memory.py --shots 64 --large 5000000

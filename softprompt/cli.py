@@ -69,6 +69,9 @@ PatienceOption = Annotated[Optional[int], typer.Option(help="early-stopping pati
 MaxLengthOption = Annotated[
     Optional[int], typer.Option(help="prompt tokens per row (soft + fixed text + input; inputs are cut to fit)")
 ]
+ActivationMemoryOption = Annotated[
+    Optional[int], typer.Option(help="MiB of activations a training step keeps; beyond, layers are recomputed (0: all)")
+]
 BucketingOption = Annotated[
     Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing", help="batch rows of similar length")
 ]
@@ -111,6 +114,7 @@ def train(
     patience: PatienceOption = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     max_length: MaxLengthOption = None,
+    activation_memory: ActivationMemoryOption = None,
     length_bucketing: BucketingOption = None,
     resume: ResumeOption = False,
     method: MethodOption = DEFAULT_METHOD,
@@ -131,7 +135,7 @@ def train(
         model=model, init=init, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
         optimizer=optimizer, schedule=schedule, shots=shots, eval_every=eval_every, eval_limit=eval_limit,
         report_limit=report_limit, patience=patience, seed=seed, max_length=max_length,
-        length_bucketing=length_bucketing,
+        activation_memory=activation_memory, length_bucketing=length_bucketing,
     )
     try:
         spec = _training_spec(task, overrides, method=method, dev=dev)

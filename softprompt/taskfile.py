@@ -28,6 +28,9 @@ class TaskError(ValueError):
     """The task file is missing, malformed or inconsistent."""
 
 
+ACTIVATION_MEMORY_MB = 512  # README, "Memory in training"
+
+
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +83,13 @@ class TrainSettings(BaseModel):
     shots: int | None = Field(None, ge=1, description="few-shot: K training rows per label")
     length_bucketing: bool = Field(True, description="batch rows of similar length (less padding, faster)")
     seed: int = 0
+    activation_memory: int = Field(
+        ACTIVATION_MEMORY_MB,
+        ge=0,
+        description="MiB of layer activations a training pass keeps for its backward pass; past it the "
+        "remaining decoder layers keep only their input and are recomputed (activation checkpointing: the "
+        "same result, slower steps). 0 recomputes every layer. Not part of the run's identity",
+    )
     max_length: int = Field(
         512,
         ge=8,

@@ -8,7 +8,8 @@ a whole model is checkpointed at validation steps only). The checkpoint is the o
 resume metrics.jsonl is cut back to its step and the kept artifact is restored from it, so a run
 stopped at any moment (Ctrl-C or kill -9) and resumed ends exactly where the uninterrupted run
 would. A resume whose task file, method or flags would change the result is refused with a list of
-what changed.
+what changed. Under a launcher (torchrun, accelerate launch) N processes run this same loop, each on
+its share of every batch, and only the main one writes (distributed.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from . import calibration, plots
 from .backbone import Backbone, model_name
 from .data import fingerprint as data_fingerprint
+from .distributed import processes
 from .doctor import diagnose
 from .methods import DEFAULT_METHOD, Method, method_class
 from .run import INFO_FILE, RunInfo, atomic_file, write_atomic
@@ -44,33 +48,42 @@ SPLITS_FILE = "splits.json"
 
 # -- batches --------------------------------------------------------------------------------
 def batch_plan(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
-) -> list[list[int]]:
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
+) -> np.ndarray:
     """One epoch of batches: shuffled, then (with `bucket`) sorted by length within windows of 32
-    batches so each batch holds rows of similar length (little padding), then the batches shuffled again."""
+    batches so each batch holds rows of similar length (little padding), then the batches shuffled
+    again. [batches, batch_size] row positions, a batch per line, the one short batch padded with -1.
+
+    Arrays, not a list per batch: 5 million rows plan in 20 MB (int32). Python's shuffle on an array draws
+    exactly what it draws on a list of the same length, so the plan is the one lists gave."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    n = len(lengths)
+    kind = "i" if n < 2**31 else "q"  # int32 positions while they fit
+    order = array(kind, range(n))
+    rng.shuffle(order)  # as on a list (a Python loop either way), without a Python int per row
     window = batch_size * 32 if bucket else batch_size
-    batches = []
-    for start in range(0, len(order), window):
-        part = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    rows = np.full(-(-n // batch_size) * batch_size, -1, kind)  # the short batch padded
+    rows[:n] = np.frombuffer(order, kind)
+    del order
+    key = np.asarray(lengths)[rows[:n]]
+    for start in range(0, n, window):  # a stable sort, as sorted() was: ties keep the shuffled order
+        part = slice(start, min(start + window, n))
+        rows[part] = rows[part][np.argsort(key[part], kind="stable")]
+    del key
+    shuffled = array(kind, range(len(rows) // batch_size))
+    rng.shuffle(shuffled)  # the permutation shuffling the list of batches made
+    return rows.reshape(-1, batch_size)[np.frombuffer(shuffled, kind)]
 
 
-def micro_batches(lengths: list[int], settings: TrainSettings, skip: int) -> Iterator[list[int]]:
+def micro_batches(lengths: Sequence[int], settings: TrainSettings, skip: int) -> Iterator[list[int]]:
     """Endless stream of micro-batches across epochs, skipping the first `skip` (for resume)."""
-    epoch, seen = 0, 0
+    per_epoch = -(-len(lengths) // settings.batch_size)
+    epoch, first = divmod(skip, per_epoch)  # an epoch's plan depends on its number alone
     while True:
-        for batch in batch_plan(
-            lengths, settings.batch_size, settings.seed, epoch, settings.length_bucketing
-        ):
-            if seen >= skip:
-                yield batch
-            seen += 1
-        epoch += 1
+        plan = batch_plan(lengths, settings.batch_size, settings.seed, epoch, settings.length_bucketing)
+        for batch in plan[first:]:
+            yield batch[batch >= 0].tolist()
+        epoch, first = epoch + 1, 0
 
 
 # -- optimisation ---------------------------------------------------------------------------
@@ -120,7 +133,7 @@ def run_identity(spec: TaskSpec, backbone: Backbone, method: str = DEFAULT_METHO
     return {
         "method": method,
         "model_fingerprint": backbone.fingerprint,
-        **spec.model_dump(exclude={"model"}),
+        **spec.model_dump(exclude={"model": True, "train": {"activation_memory"}}),  # memory changes no result
         "data_bytes": digests,
     }
 
@@ -246,10 +259,12 @@ class Log:
     """metrics.jsonl, appended as training goes and kept in memory for the plots.
 
     On resume it is cut back to the checkpoint's step: lines of a step the checkpoint does not
-    hold, and a half-written last line (a kill during an append), are dropped and written again."""
+    hold, and a half-written last line (a kill during an append), are dropped and written again.
+    Only the main process of several writes it; the others keep the history alone."""
 
     def __init__(self, run: Path, up_to_step: int | None) -> None:
         self.path = run / METRICS_FILE
+        self.writes = processes().is_main
         self.history: list[dict] = []
         if up_to_step is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -259,10 +274,13 @@ class Log:
                     continue
                 if isinstance(entry, dict) and entry.get("step", math.inf) <= up_to_step:
                     self.history.append(entry)
-        write_atomic(self.path, "".join(json.dumps(h) + "\n" for h in self.history))
+        if self.writes:
+            write_atomic(self.path, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def add(self, **entry) -> None:
         self.history.append(entry)
+        if not self.writes:
+            return
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(entry) + "\n")
 
@@ -279,8 +297,9 @@ COLUMNS = (
 
 @contextmanager
 def _phase(progress: Progress, what: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A bar for one long phase (validation, final scoring); removed when the phase ends."""
-    bar = progress.add_task(what, total=total, info="")
+    """A bar for one long phase (validation, final scoring) of `total` rows, of which this process
+    scores its share; removed when the phase ends."""
+    bar = progress.add_task(what, total=len(processes().share(range(total))), info="")
     try:
         yield lambda n: progress.advance(bar, n)
     finally:
@@ -333,6 +352,7 @@ def _open(
     kind = method_class(method)
     found = _resumable(run, resume)
     backbone = backbone or _load_backbone(spec, console)
+    backbone.activation_budget = spec.train.activation_memory * 2**20
     # reads and validates all data before anything is written
     task, settings = tasks.get(spec, kind, backbone) if tasks else _task_for(spec, kind, backbone)
     task.require_tools()  # before anything is written
@@ -343,8 +363,11 @@ def _open(
     checkpoint, fresh = _starting_point(run, trainer, identity, found, console)
     if warn:
         _warn_task(task, backbone, console, kind.trains)
-    write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
-    if not fresh:  # the kept artifact as of the checkpoint, not a later step's
+    procs = processes()
+    procs.wait()  # every process has chosen fresh or resumed before the main one writes
+    if procs.is_main:
+        write_atomic(run / SPLITS_FILE, json.dumps(task.splits.record()))
+    if not fresh and procs.is_main:  # the kept artifact as of the checkpoint, not a later step's
         trainer.load_state(checkpoint.best)
         checkpoint.state.saved_parameters = trainer.write(run)
     trainer.load_state(checkpoint.params)
@@ -373,8 +396,8 @@ def train(
     prompting (compare scores it once, as a method); `report=False` skips scoring the dev rows (a
     learning-rate search only needs validation). A resumed run scores the baselines its start
     left out (a search's trial continued into the final run). A method that changes the model's
-    weights changes `backbone`'s."""
-    console = console or Console(stderr=True)
+    weights changes `backbone`'s. Under a launcher every process calls it (distributed.py)."""
+    console = processes().shown(console or Console(stderr=True))
     opened = _open(spec, Path(out), backbone, method, resume, console, tasks)
     run, task, kind, checkpoint = opened.run, opened.task, opened.kind, opened.checkpoint
     zero_shot = baselines and kind.trains
@@ -411,7 +434,7 @@ def train_prefix(
     so the trial that wins is continued into the final run instead of being trained again. It
     validates at step `until` besides the run's own interval. Returns the training state (its
     `best` is the best validation score up to `until`)."""
-    run = Path(out)
+    run, console = Path(out), processes().shown(console)
     opened = _open(spec, run, backbone, method, find_checkpoint(run) is not None, console, tasks, warn=False)
     checkpoint = opened.checkpoint
     with Progress(*COLUMNS, console=console) as progress:
@@ -424,9 +447,12 @@ def train_prefix(
 
 
 def _load_backbone(spec: TaskSpec, console: Console) -> Backbone:
+    procs = processes()
     with console.status(f"loading model {spec.model} ..."):
-        backbone = Backbone.load(spec.model)
+        backbone = Backbone.load(spec.model, device=str(procs.device))
     console.print(f"model {spec.model} loaded in {backbone.load_seconds:.1f}s")
+    if procs.count > 1:
+        console.print(f"training on {procs.describe()}: each takes its share of every batch")
     return backbone
 
 
@@ -534,8 +560,8 @@ def _baselines(
         with _phase(progress, "zero-shot (validation rows)", n) as advance:
             scored["zero_shot"] = task.zero_shot("validation", advance)
     if dev and state.dev_zero_shot is None:
-        with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance:
-            state.dev_zero_shot = task.dev_zero_shot(run, advance)
+        with _phase(progress, "zero-shot (dev rows)", len(task.rows["dev"])) as advance, processes().folder(run) as folder:
+            state.dev_zero_shot = task.dev_zero_shot(folder, advance)
     if "initial_prompt" not in state.baseline:
         with _phase(progress, "initial state (validation rows)", n) as advance:
             scored["initial_prompt"] = task.validate(advance)
@@ -568,41 +594,54 @@ def _loop(
     params = list(trainer.trainable().values())
     last = state.baseline.get("initial_prompt", {}).get(metric, float("nan"))
     bar = progress.add_task("training", total=until, completed=state.step, info=f"validation {metric} {last:.3f}")
-    while state.step < until and not state.stopped_early:
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.step, steps, settings) * group.get("scale", 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, seen = 0.0, 0
-        for _ in range(settings.grad_accum):
-            index = next(stream)
-            loss = task.loss(index) / settings.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-            seen += len(index)
-        if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        state.step += 1
-        state.examples += seen
-        state.train_seconds += time.perf_counter() - started
-        log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
-        best_changed, validated = False, state.step % settings.eval_every == 0 or state.step in (steps, until)
-        if validated:
-            with _phase(progress, "validating", len(task.rows["validation"])) as advance:
-                result = task.validate(advance)
-            log.add(step=state.step, split="validation", **result)
-            last = result[metric]
-            best_changed = _judge(state, result[metric], settings.patience)
-        committed = time.perf_counter()
-        save = trainer.checkpoint_every_step or validated
-        _commit(run, checkpoint, trainer, optimizer, best_changed, save)
-        state.train_seconds += time.perf_counter() - committed  # checkpointing is part of training's cost
-        progress.update(bar, completed=state.step, info=f"loss {loss_sum:.3f}  validation {metric} {last:.3f}")
-        if on_step is not None:
-            on_step(state.step)
+    with processes().trained(params, task.loss) as module:  # its backward passes average the gradients
+        while state.step < until and not state.stopped_early:
+            started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, steps, settings) * group.get("scale", 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, seen = _accumulate(task, module, stream, settings.grad_accum)
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            state.step += 1
+            state.examples += seen
+            state.train_seconds += time.perf_counter() - started
+            log.add(step=state.step, loss=loss_sum, lr=optimizer.param_groups[0]["lr"])
+            best_changed, validated = False, state.step % settings.eval_every == 0 or state.step in (steps, until)
+            if validated:
+                with _phase(progress, "validating", len(task.rows["validation"])) as advance:
+                    result = task.validate(advance)
+                log.add(step=state.step, split="validation", **result)
+                last = result[metric]
+                best_changed = _judge(state, result[metric], settings.patience)
+            committed = time.perf_counter()
+            save = trainer.checkpoint_every_step or validated
+            _commit(run, checkpoint, trainer, optimizer, best_changed, save)
+            state.train_seconds += time.perf_counter() - committed  # checkpointing is part of training's cost
+            progress.update(bar, completed=state.step, info=f"loss {loss_sum:.3f}  validation {metric} {last:.3f}")
+            if on_step is not None:
+                on_step(state.step)
     if state.stopped_early:
         progress.console.print(f"early stop at step {state.step}: no gain in {settings.patience} validations")
+
+
+def _accumulate(task: Task, module: torch.nn.Module, stream: Iterator[list[int]], accum: int) -> tuple[float, int]:
+    """One step's gradients from `accum` micro-batches: each process runs its share of each, its
+    loss weighted so that the average over the processes is the batch's mean, and the gradients
+    are averaged across the processes at the last one. Returns the step's loss (the mean over all
+    rows, as one process computes it) and the rows it read."""
+    procs = processes()
+    loss_sum, seen = 0.0, 0
+    for micro in range(accum):
+        batch = next(stream)
+        mine = procs.share(batch)
+        with procs.accumulating(module, sync=micro == accum - 1):
+            loss = module(mine) * procs.weight(task.loss_terms, mine, batch) / accum
+            procs.backward(loss)
+        loss_sum += float(loss.detach())
+        seen += len(batch)
+    return procs.mean(loss_sum), seen
 
 
 def _judge(state: TrainState, score: float, patience: int) -> bool:
@@ -627,6 +666,8 @@ def _commit(
     that is not saved (a whole model between validations) is redone on resume."""
     if best_changed:
         checkpoint.best = trainer.state()
+    if not processes().is_main:
+        return  # the others keep the best state (they score it at the end) and write nothing
     if save:
         checkpoint.params = trainer.state()
         checkpoint.optimizer = optimizer.state_dict() if optimizer is not None else {}
@@ -685,8 +726,8 @@ def _finish(
     results: dict = {}
     scored = time.perf_counter()
     if report:
-        with _phase(progress, "scoring dev rows (kept state)", len(task.rows["dev"])) as advance:
-            results = task.final(run, advance)
+        with _phase(progress, "scoring dev rows (kept state)", len(task.rows["dev"])) as advance, processes().folder(run) as folder:
+            results = task.final(folder, advance)
         if state.dev_zero_shot is not None:
             results["dev_zero_shot"] = state.dev_zero_shot
     eval_seconds = time.perf_counter() - scored
@@ -695,7 +736,7 @@ def _finish(
         method=trainer.name,
         method_settings={**settings, **trainer.info(), **calibrated},
         label_scores=spec.label_scores,
-        label_vectors=trainer.label_rows is not None,
+        label_vectors=trainer.label_rows is not None or trainer.label_head is not None,
         model=model_name(trainer.backbone.spec),  # the model trained on, by name (not `default`: the default may change)
         fingerprint=checkpoint.identity["model_fingerprint"],  # the model the run started from
         template=spec.template,
@@ -715,13 +756,15 @@ def _finish(
         "train_seconds": round(state.train_seconds, 2),
         "train_examples": state.examples,
         "train_examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 2),
+        "processes": processes().count,  # that trained it (each its share of every batch)
         "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report else None,
         "trainable_parameters": sum(p.numel() for p in trainer.trainable().values()),
         "saved_parameters": state.saved_parameters,  # the kept artifact is on disk since its step
         "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},
         "cut_rows": {role: summary.rows for role, summary in task.cuts()},
     }
-    info.write(run)
-    plots.learning_curve(log.history, spec.train.metric, run / "learning_curve.png")
-    shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
+    if processes().is_main:
+        info.write(run)
+        plots.learning_curve(log.history, spec.train.metric, run / "learning_curve.png")
+        shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
     return info

@@ -115,3 +115,31 @@ def test_the_estimate_is_near_what_smollm2_keeps():
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3)  # fmt: skip
     assert 1.0e6 < 30 * layer_activation_bytes(config, 1, torch.float32) < 1.3e6
+
+
+def test_train_activation_memory_sets_the_budget_and_a_resume_may_change_it(
+    tmp_path, tiny_model_dir, tiny_backbone, monkeypatch
+):
+    """`train.activation_memory` (MiB) is the budget a run's passes keep; it changes no result, so
+    it is not part of the run's identity: a run stopped and resumed under another budget goes on."""
+    from softprompt.taskfile import load_task
+    from softprompt.train import train
+
+    from helpers import quiet, write_task
+
+    monkeypatch.setattr(tiny_backbone, "activation_budget", tiny_backbone.activation_budget)  # restored after
+    path = write_task(tmp_path, tiny_model_dir, steps=4, extra=", activation_memory: 0")
+    stopped = {}
+
+    def stop_at_2(step):
+        if step == 2:
+            stopped["budget"] = tiny_backbone.activation_budget
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_task(path), tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False, on_step=stop_at_2)
+    assert stopped["budget"] == 0
+    resumed = load_task(path, {"activation_memory": 3})
+    train(resumed, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False, resume=True)
+    assert tiny_backbone.activation_budget == 3 * 2**20
+    assert (tmp_path / "run" / "task.json").exists()

@@ -22,11 +22,15 @@ from .rows import (
     fingerprint,
     hold_out,
     k_per_label,
+    label_names,
+    line_runs,
     lines_by_file,
     load_examples,
     open_rows,
     open_source,
     read_records,
+    sample,
+    take,
 )
 from .sampling import held_out_size
 from .text_files import read_text
@@ -41,10 +45,14 @@ __all__ = [
     "held_out_size",
     "hold_out",
     "k_per_label",
+    "label_names",
+    "line_runs",
     "lines_by_file",
     "load_examples",
     "open_rows",
     "open_source",
     "read_records",
     "read_text",
+    "sample",
+    "take",
 ]

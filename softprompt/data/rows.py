@@ -171,6 +171,28 @@ def k_per_label(examples: Sequence[Example], shots: int, seed: int) -> Sequence[
     return [examples[i] for i in k_per_label_positions(_codes(examples), shots, seed).tolist()]
 
 
+def take(examples: Sequence[Example], positions: Sequence[int]) -> list[Example]:
+    """The rows at these positions, in this order; a Rows reads only the chunks holding them."""
+    if isinstance(examples, Rows):
+        return examples.take(positions)
+    return [examples[i] for i in positions]
+
+
+def sample(examples: Sequence[Example], size: int, seed: int, by_label: bool) -> Sequence[Example]:
+    """At most `size` of the rows, seeded (stratified by label with `by_label`), in source order:
+    all of them when they are no more, for a choice that would otherwise read every row."""
+    if len(examples) <= size:
+        return examples
+    return hold_out(examples, size, seed, by_label, leave_one=False)[1]
+
+
+def label_names(examples: Sequence[Example]) -> list[str | None]:
+    """The labels the rows hold, each once, in order of first appearance; a Rows reads no row."""
+    if isinstance(examples, Rows) and examples.labels is not None:
+        return list(examples.label_counts())
+    return list(dict.fromkeys(e.label for e in examples))
+
+
 def _codes(examples: Sequence[Example]) -> np.ndarray:
     ids: dict[str | None, int] = {}
     return np.array([ids.setdefault(e.label, len(ids)) for e in examples], np.int64)
@@ -185,6 +207,18 @@ def lines_by_file(rows: Sequence[Example]) -> dict[str, list[int]]:
         path, _, line = example.source.rpartition(":")
         files.setdefault(path, []).append(int(line))
     return files
+
+
+def line_runs(rows: Rows) -> dict[str, list[list[int]]]:
+    """Which rows of which file these are as runs of consecutive rows, [first, last] by number:
+    what splits.json records of a role too large to list line by line, reading no row."""
+    if not len(rows):
+        return {}
+    numbers = rows.source.numbers(rows.index)
+    breaks = np.flatnonzero(np.diff(numbers) != 1)
+    firsts = numbers[np.r_[0, breaks + 1]].tolist()
+    lasts = numbers[np.r_[breaks, len(numbers) - 1]].tolist()
+    return {rows.source.name: [list(run) for run in zip(firsts, lasts)]}
 
 
 def fingerprint(path: str | Path) -> str:

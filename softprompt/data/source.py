@@ -37,6 +37,10 @@ class Source:
     def number(self, i: int) -> int:
         raise NotImplementedError
 
+    def numbers(self, indices: np.ndarray) -> np.ndarray:
+        """`number` of each of these rows, as an array."""
+        return np.fromiter(map(self.number, indices.tolist()), np.int64, len(indices))
+
     def scan(self, spec: RowSpec, group: bool) -> Labels | None:
         """Check every row against `spec` (the first bad row, in file order, is the DataError) and,
         with `group`, return every row's label code."""

@@ -44,6 +44,9 @@ class Table(Source):
     def number(self, i: int) -> int:
         return i + 1
 
+    def numbers(self, indices: np.ndarray) -> np.ndarray:
+        return indices + 1
+
     def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
         """(first row, batch) over the whole table, `columns` only."""
         for k, (start, _) in enumerate(self.chunks):

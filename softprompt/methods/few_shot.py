@@ -5,16 +5,19 @@ but attention. Nothing is trained.
 
 k demonstrations per label (4 by default, seeded choice, labels interleaved so no label is always
 last), fewer when they would not fit `DEMO_TOKENS` (Banking77's 77 intents get 1 each); the choice
-is recorded in task.json.
+is recorded in task.json. From a training set larger than CANDIDATE_ROWS they are chosen from a
+seeded, label-stratified sample of that many rows (grouping every row of millions would hold them all).
 """
 
 from __future__ import annotations
 
 import random
 
+from ..data import sample
 from .base import Method
 
 PER_LABEL = 4
+CANDIDATE_ROWS = 10_000  # training rows the demonstrations are drawn from, at most
 DEMO_TOKENS = 2048  # demonstrations' tokens at most: beyond, every row pays for a long prefix
 
 
@@ -38,7 +41,8 @@ class FewShot(Method):
 
 def demonstrations(task) -> tuple[str, dict]:
     """The demonstrations' text (braces escaped, ending in a blank line) and what was chosen."""
-    template, train = task.template.without_soft(), task.splits.train
+    template = task.template.without_soft()
+    train = sample(task.splits.train, CANDIDATE_ROWS, task.spec.train.seed, task.kind == "classification")
     rng = random.Random(task.spec.train.seed)
     by_label: dict[str, list] = {}
     for example in train:

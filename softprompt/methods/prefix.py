@@ -61,7 +61,7 @@ class PrefixTuning(Method):
     @classmethod
     def create(cls, task, backbone: Backbone) -> Method:
         soft_span(task.template)
-        prefix = task.rows["train"].encoded.prefix
+        prefix = task.rows["train"].prefix
         first = prefix.index(soft_id(0))
         start = task.start_prompt(backbone)
         lm = PromptedLM(backbone, start.to(backbone.device), start.length)
