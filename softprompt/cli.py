@@ -19,6 +19,7 @@ from .auto import AutoError
 from .backbone import Backbone, ModelNotFound
 from .calibration import is_calibrated
 from .data import DataError, load_examples
+from .distributed import LaunchError
 from .doctor import ZERO_SHOT_ROWS, diagnose
 from .generate import DecodeConfig, Generator
 from .methods import DEFAULT_METHOD, METHODS, MethodError, method_class
@@ -37,7 +38,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 USER_ERRORS = (
     TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound, MethodError,
-    AutoError,
+    AutoError, LaunchError,
 )
 
 

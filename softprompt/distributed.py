@@ -14,6 +14,10 @@ case N = 1 of this one path. The processes differ in three ways only:
 The reduction is torch's DistributedDataParallel as `Accelerator.prepare` sets it up (gloo on CPU,
 nccl on GPUs), with `find_unused_parameters`: a batch need not touch every trained tensor (a
 process whose slice is empty touches none, and joins the reduction with zero gradients).
+
+Data parallelism only: every process holds the whole frozen model. FSDP and DeepSpeed (which shard
+the model itself) are refused with a message rather than run as something they are not: the
+module accelerate would shard here holds the trained tensors alone, not the frozen body.
 """
 
 from __future__ import annotations
@@ -26,8 +30,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from rich.console import Console
+
+
+class LaunchError(ValueError):
+    """The launcher or accelerate's configuration asks for what softprompt does not do."""
+
+
+DATA_PARALLEL = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
 
 
 class _Loss(torch.nn.Module):
@@ -55,8 +66,15 @@ class Processes:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        kind = self.accelerator.distributed_type
+        if kind not in DATA_PARALLEL:
+            raise LaunchError(
+                f"accelerate is configured for {kind.value}: softprompt trains data-parallel only (each process "
+                "holds the whole frozen model; DDP on CPUs or GPUs). Choose multi-CPU or multi-GPU in "
+                "`accelerate config`, or launch with torchrun"
+            )
         if self.accelerator.gradient_accumulation_steps != 1:
-            raise ValueError(
+            raise LaunchError(
                 "accelerate's gradient_accumulation_steps is set (accelerate config or environment): "
                 "softprompt accumulates itself, set train.grad_accum (--grad-accum) instead"
             )

@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import sacrebleu
-from rouge_score import rouge_scorer
 
 
 def confusion(gold: list[int], pred: list[int], n_labels: int) -> np.ndarray:
@@ -81,6 +80,8 @@ def generation_scores(predictions: list[str], references: list[str], names: list
     if "chrf" in names:
         scores["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
     if "rouge_l" in names:
+        from rouge_score import rouge_scorer  # here: it imports nltk, 1.2 s of every command's start
+
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         values = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
         scores["rouge_l"] = 100 * sum(values) / max(1, len(values))

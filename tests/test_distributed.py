@@ -22,10 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from softprompt.cli import app
+from softprompt.distributed import LaunchError, Processes
 
 from helpers import NEGATIVE, POSITIVE
 
@@ -36,9 +39,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # accelerate's torchrun launcher (--multi_gpu; on CPU its plain launch starts one process) on a free port
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-GENERATION = [("def add(a, b): return a + b", "function add(a, b) { return a + b; }"),
-              ("def neg(a): return -a", "function neg(a) { return -a; }"),
-              ("def one(): return 1", "function one() { return 1; }")]
+# distinct rows whose answers differ in length: a batch's rows then differ in loss and in target
+# tokens, so a process that weighed its part by rows, or not at all, would step elsewhere
+GENERATION = [(f"def f{i}(a): return a + {i * i}", f"function f{i}(a) {{ {'a = a; ' * (i % 4)}return a + {i * i}; }}")
+              for i in range(12)]
 
 
 def _classification_task(folder: Path, model_dir: Path) -> Path:
@@ -59,8 +63,8 @@ def _classification_task(folder: Path, model_dir: Path) -> Path:
 
 def _generation_task(folder: Path, model_dir: Path) -> Path:
     rows = [{"code": p, "js": j} for p, j in GENERATION]
-    (folder / "gen_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    (folder / "gen_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "gen_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "gen_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     task = folder / "gen.yaml"
     task.write_text(
         f"model: {model_dir}\n"
@@ -263,3 +267,12 @@ def test_every_method_trains_on_two_processes_as_on_one(runs, name):
     (its loss is the mean over target tokens, so a process weighs its part by its tokens)."""
     assert _metrics(runs / "two" / name)["processes"] == 2
     assert_same_run(runs / "two" / name, runs / "one" / name, RUNS[name][2])
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_a_sharding_configuration_is_refused_with_what_to_choose_instead(monkeypatch, kind):
+    """FSDP and DeepSpeed would shard the module DDP wraps here, the trained tensors alone, while every
+    process still held the whole frozen model: refused, naming the data-parallel choices."""
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: kind))
+    with pytest.raises(LaunchError, match="data-parallel only.*multi-CPU or multi-GPU"):
+        Processes()
