@@ -36,6 +36,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Prompt tuning for frozen language models."
 )
 console = Console(stderr=True)
+MATRIX_LABELS = 12  # eval prints the confusion matrix up to this many labels, else the top confusions
+TOP_CONFUSIONS = 15
 USER_ERRORS = (
     TaskError, DataError, TemplateError, VerbalizerError, ArtifactError, InitError, ModelNotFound, MethodError,
     AutoError, LaunchError,
@@ -320,10 +322,25 @@ def evaluate_cmd(
             label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"])
         )
     show.print(table)
-    matrix = Table("gold \\ predicted", *report["labels"], title="confusion matrix")
-    for label, row in zip(report["labels"], report["confusion"]):
-        matrix.add_row(label, *map(str, row))
-    show.print(matrix)
+    show.print(_confusions(report))
+
+
+def _confusions(report: dict) -> Table:
+    """The confusion matrix where it fits a terminal (MATRIX_LABELS labels at most); past that, the
+    most frequent confusions, gold -> predicted (77 intents' matrix is unreadable text; its figure
+    is in the run folder)."""
+    labels, confusion = report["labels"], report["confusion"]
+    if len(labels) <= MATRIX_LABELS:
+        matrix = Table("gold \\ predicted", *labels, title="confusion matrix")
+        for label, row in zip(labels, confusion):
+            matrix.add_row(label, *map(str, row))
+        return matrix
+    pairs = [(n, g, p) for g, row in enumerate(confusion) for p, n in enumerate(row) if g != p and n]
+    pairs.sort(key=lambda pair: (-pair[0], pair[1], pair[2]))
+    top = Table("gold", "predicted", "rows", title="most frequent confusions")
+    for n, g, p in pairs[:TOP_CONFUSIONS]:
+        top.add_row(labels[g], labels[p], str(n))
+    return top
 
 
 def _eval_generation(

@@ -118,3 +118,28 @@ def test_a_template_that_leaves_no_room_for_the_input_is_refused(tmp_path, tiny_
     assert result.exit_code == 2
     assert "leaves no room for its input in max_length 8" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_lists_the_most_frequent_confusions_instead_of_a_matrix_too_wide_to_read():
+    from rich.console import Console
+
+    from softprompt.cli import MATRIX_LABELS, TOP_CONFUSIONS, _confusions
+
+    def shown(n_labels, confusion):
+        console = Console(width=200, record=True, file=open("/dev/null", "w"))
+        console.print(_confusions({"labels": [f"intent {k}" for k in range(n_labels)], "confusion": confusion}))
+        return console.export_text()
+
+    small = shown(MATRIX_LABELS, [[1] * MATRIX_LABELS for _ in range(MATRIX_LABELS)])
+    assert "confusion matrix" in small and "intent 11" in small
+    n = MATRIX_LABELS + 8
+    confusion = [[5 if g == p else 0 for p in range(n)] for g in range(n)]
+    confusion[3][7], confusion[9][2] = 4, 9
+    for g in range(n):
+        confusion[g][(g + 1) % n] += 1  # 20 more confusions of one row each, more than are listed
+    text = shown(n, confusion)
+    assert "confusion matrix" not in text and "most frequent confusions" in text
+    lines = [line.split("│")[1:4] for line in text.splitlines() if line.count("│") >= 4]
+    rows = [[cell.strip() for cell in line] for line in lines]  # the header row is drawn with ┃
+    assert rows[0] == ["intent 9", "intent 2", "9"] and rows[1] == ["intent 3", "intent 7", "4"]
+    assert len(rows) == TOP_CONFUSIONS and all(row[2] == "1" for row in rows[2:])
