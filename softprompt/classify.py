@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone, Context, Layout
+from .logistic import fit_logistic
 from .splice import PAD_ID, BatchRow, Prefix, Prompt, PromptedLM, run_rows
 from .template import RenderedRows, Template
 from .verbalizer import Choices, LabelHead, LabelTrie, Verbalizer
@@ -211,6 +212,17 @@ def start_label_head(classifier: Classifier, fit: ClassificationRows) -> LabelHe
     gap = words.predict_proba(fit).log() - words.slot_states(fit) @ vectors.T  # [n, L]
     gap = gap - gap.mean(1, keepdim=True)  # a row's constant is free (its softmax ignores it)
     return LabelHead(vectors, gap.mean(0))
+
+
+@torch.no_grad()
+def fit_label_head(classifier: Classifier, rows: ClassificationRows) -> LabelHead:
+    """One vector per label fitted to labelled rows: a logistic regression (logistic.py) on the rows'
+    hidden states at the label slot as `classifier` reads them (its prompt in place), so the head
+    starts where a linear probe of the prompted model ends (LP-FT: training then moves the prompt
+    under a head that already separates the labels, instead of under one that reads names)."""
+    assert rows.labels is not None
+    weight, bias = fit_logistic(classifier.with_label_head(None).slot_states(rows), rows.labels, len(classifier.labels))
+    return LabelHead(weight, bias)
 
 
 @dataclass

@@ -172,6 +172,13 @@ class TaskSpec(BaseModel):
         "a row costs what two one-token labels cost); false: the model's own rows",
     )
 
+    label_init: Literal["name", "fit"] = Field(
+        "name",
+        description="where per-label vectors start (label_vectors: per_label): name, the model's reading of "
+        "each label's name (step 0 scores as the frozen model); fit, a logistic regression on the training "
+        "rows' states at the label slot under the initial prompt (LP-FT: for many labels and few rows)",
+    )
+
     @field_validator("label_vectors", mode="before")
     @classmethod
     def _label_vector_kind(cls, value):

@@ -185,3 +185,35 @@ def test_every_soft_prompt_method_starts_exactly_from_its_init_prompt(name, tmp_
     method = method_class(name).build(task, tiny_backbone)
     torch.testing.assert_close(method.vectors.detach(), task.start_prompt(tiny_backbone).vectors, rtol=0, atol=1e-6)
     assert any(p.requires_grad for p in method.parameters())
+
+
+# -- label_init: fit (LP-FT) ---------------------------------------------------------------------------
+def test_label_init_fit_starts_the_head_as_a_logistic_regression_of_the_prompted_slot_states(tmp_path, tiny_model_dir, tiny_backbone):
+    """The head at step 0 gives, on the training rows, the probabilities scikit-learn's standardized
+    logistic regression fitted to those rows' slot states under the initial prompt gives."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    spec = _task(tmp_path, tiny_model_dir, top="label_vectors: per_label\nlabel_init: fit\n")
+    task, _ = _task_for(spec, method_class("prompt"), tiny_backbone)
+    method = method_class("prompt").build(task, tiny_backbone)
+    rows = task.rows["train"].sample(10_000, spec.train.seed, by_label=True)
+    prompted = task.model.with_prompt(method.prompt())
+    states = prompted.slot_states(rows)
+    other = task.model.with_prompt(init_prompt("random", 4, tiny_backbone, seed=9))
+    assert not torch.allclose(states, other.slot_states(rows), atol=1e-3)  # the prompt changes what is fitted
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(states.double().numpy(), rows.labels.numpy())
+    got = torch.softmax(method.label_head.scores(states), -1).detach()
+    torch.testing.assert_close(got, torch.from_numpy(reference.predict_proba(states.double().numpy())).float(), atol=1e-4, rtol=1e-3)
+    name = method_class("prompt").build(_task_for(_task(tmp_path, tiny_model_dir), method_class("prompt"), tiny_backbone)[0], tiny_backbone)
+    assert not torch.allclose(name.label_head.vectors, method.label_head.vectors)  # not the names' start
+
+
+def test_label_init_fit_refuses_a_label_with_no_training_rows_and_a_misspelling(tmp_path, tiny_model_dir, tiny_backbone):
+    spec = _task(tmp_path, tiny_model_dir, top="label_vectors: per_label\nlabel_init: fit\n")
+    spec.verbalizer = {"positive": ["code"], "negative": ["Sentiment"], "neutral": ["so"]}
+    with pytest.raises(TaskError, match="label_init: fit .*'neutral' has none"):
+        train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
+    with pytest.raises(TaskError, match="label_init"):
+        _task(tmp_path, tiny_model_dir, top="label_vectors: per_label\nlabel_init: fitted\n")

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
 from ..calibration import CONTENT_FREE
-from ..classify import start_label_head
+from ..classify import fit_label_head, start_label_head
+from ..logistic import FIT_ROWS, missing_labels
 from ..run import ArtifactError, atomic_file
 from ..taskfile import PER_LABEL, TaskError
 from ..template import Template, TemplateError
@@ -107,7 +108,7 @@ class Method(torch.nn.Module):
             torch.manual_seed(task.spec.train.seed)
             method = cls.create(task, backbone)
         if task.spec.label_vectors == PER_LABEL and cls.learns_label_vectors():
-            method.label_head = start_label_head(method.apply(task.model), _content_free(task)).to(backbone.device)
+            method.label_head = _start_head(task, method.apply(task.model)).to(backbone.device)
         elif task.spec.label_vectors and cls.learns_label_vectors():
             method.label_rows = torch.nn.Parameter(backbone.output_rows(task.model.choices.first_ids))
         return method
@@ -229,6 +230,23 @@ def load_label_head(run: str | Path, labels: int, backbone: Backbone) -> LabelHe
             f"got {[list(s) for s in shapes]}"
         )
     return LabelHead(vectors, bias).to(backbone.device)
+
+
+def _start_head(task: Task, model) -> LabelHead:
+    """A per-label head for `model` (the task's classifier with the method's initial prompt): read
+    from the names (`label_init: name`) or fitted to the training rows (`fit`, on a seeded,
+    label-stratified sample of at most FIT_ROWS)."""
+    content_free = _content_free(task)  # also refuses input after the slot, for either start
+    if task.spec.label_init == "name":
+        return start_label_head(model, content_free)
+    rows = task.rows["train"].sample(FIT_ROWS, task.spec.train.seed, by_label=True)
+    missing = missing_labels(rows.labels, model.labels)
+    if missing:
+        raise TaskError(
+            f"label_init: fit fits each label's vector to its training rows: {', '.join(map(repr, missing))} "
+            "has none (add training rows of every label, or use label_init: name)"
+        )
+    return fit_label_head(model, rows)
 
 
 def _content_free(task: Task):

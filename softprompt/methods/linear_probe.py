@@ -31,15 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone
 from ..classify import ClassificationRows, Classifier
+from ..logistic import FIT_ROWS, C, fit_logistic, missing_labels
 from ..run import ArtifactError, RunInfo, atomic_file
 from .base import Method, MethodError
 
 PROBE_FILE = "probe.safetensors"  # tensors `weight` [labels, hidden] and `bias` [labels], fp32
 POOLINGS = ("last", "mean")  # the row's last token; the mean over the row's own tokens
 POOLING = "last"  # chosen on validation rows (module docstring)
-C = 1.0  # inverse L2 strength of the logistic regression, on standardized features
-MAX_ITER = 1000
-FIT_ROWS = 10_000  # rows fitted on at most: a seeded sample, stratified by label, of a larger training set
 
 
 @dataclass
@@ -80,28 +78,14 @@ def pooled_features(
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, names: list[str], pooling: str) -> ProbeHead:
-    """Logistic regression (lbfgs, L2 with `C`) on standardized features, folded back to raw
-    features: W = A / s, b = c - W m for the fitted A, c and the training mean m and spread s. A
-    binary fit's one vector w becomes the rows -w/2, +w/2 (softmax of those is its sigmoid)."""
-    from sklearn.linear_model import LogisticRegression
-
-    missing = [names[k] for k in range(len(names)) if not (labels == k).any()]
+    """The logistic-regression head on these features (logistic.py), refused when a label has no row."""
+    missing = missing_labels(labels, names)
     if missing:
         raise MethodError(
             f"linear-probe fits one weight vector per label from its training rows: {', '.join(map(repr, missing))} "
             "has none (add training rows of every label, or raise --shots)"
         )
-    x = features.double()
-    mean, spread = x.mean(0), x.std(0, correction=0)
-    spread = torch.where(spread > 1e-8, spread, torch.ones_like(spread))  # a constant feature carries nothing
-    model = LogisticRegression(C=C, max_iter=MAX_ITER)
-    model.fit(((x - mean) / spread).numpy(), labels.numpy())
-    coef, intercept = torch.from_numpy(model.coef_), torch.from_numpy(model.intercept_)
-    if len(names) == 2:
-        coef, intercept = torch.cat([-coef, coef]) / 2, torch.cat([-intercept, intercept]) / 2
-    weight = coef / spread
-    bias = intercept - weight @ mean
-    return ProbeHead(weight.float(), bias.float(), pooling)
+    return ProbeHead(*fit_logistic(features, labels, len(names)), pooling)
 
 
 class ProbeClassifier(Classifier):
