@@ -6,7 +6,7 @@ POSITIVE = ["a great film", "great film, lovely", "lovely and moving", "a moving
 NEGATIVE = ["a dull mess", "boring mess", "dull, boring", "a boring film", "a dull film, boring"]
 
 
-def write_task(folder, model_dir, steps=8, extra=""):
+def write_task(folder, model_dir, steps=8, extra="", batch_size=4, eval_every=2, data_extra=""):
     rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [
         {"text": t, "label": "negative"} for t in NEGATIVE
     ]
@@ -17,9 +17,9 @@ def write_task(folder, model_dir, steps=8, extra=""):
         f"model: {model_dir}\n"
         "template: '{soft:4} Review: {text} Sentiment: {label}'\n"
         "verbalizer: {positive: [code], negative: [Sentiment]}\n"
-        "data: {train: train.jsonl, dev: dev.jsonl}\n"
+        f"data: {{train: train.jsonl, dev: dev.jsonl{data_extra}}}\n"
         "init: vocab\n"
-        f"train: {{steps: {steps}, batch_size: 4, lr: 0.3, eval_every: 2, patience: 100{extra}}}\n"
+        f"train: {{steps: {steps}, batch_size: {batch_size}, lr: 0.3, eval_every: {eval_every}, patience: 100{extra}}}\n"
     )
     return task
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from softprompt.cli import app
 from softprompt.distributed import LaunchError, Processes
 
-from helpers import NEGATIVE, POSITIVE
+from helpers import write_task
 
 STEPS = 12
 EVAL_EVERY = 3
@@ -46,19 +46,8 @@ GENERATION = [(f"def f{i}(a): return a + {i * i}", f"function f{i}(a) {{ {'a = a
 
 
 def _classification_task(folder: Path, model_dir: Path) -> Path:
-    rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
-    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = folder / "task.yaml"
-    task.write_text(
-        f"model: {model_dir}\n"
-        "template: '{soft:4} Review: {text} Sentiment: {label}'\n"
-        "verbalizer: {positive: [code], negative: [Sentiment]}\n"
-        "data: {train: train.jsonl, dev: dev.jsonl, validation_fraction: 0.25}\n"
-        "init: vocab\n"
-        f"train: {{steps: {STEPS}, batch_size: 3, lr: 0.3, label_lr: 0.3, eval_every: {EVAL_EVERY}, patience: 100}}\n"
-    )
-    return task
+    return write_task(folder, model_dir, steps=STEPS, extra=", label_lr: 0.3", batch_size=3, eval_every=EVAL_EVERY,
+                      data_extra=", validation_fraction: 0.25")  # fmt: skip
 
 
 def _generation_task(folder: Path, model_dir: Path) -> Path:
