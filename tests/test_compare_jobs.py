@@ -86,3 +86,13 @@ def test_two_jobs_write_the_report_one_job_writes(tmp_path, tiny_model_dir):
     assert numbers(reports[2]) == numbers(reports[1])
     assert reports[2]["meta"]["chosen_lr"] == reports[1]["meta"]["chosen_lr"]
     assert list((tmp_path / "report2" / "cells").glob("*.log")), "with --jobs 2 each cell writes its own log"
+
+
+def test_a_method_given_one_rate_is_not_searched_and_its_finals_use_that_rate():
+    runner = FakeRunner()
+    records, chosen = Schedule(plan(1, (0.2,)), runner, Console(quiet=True)).run()
+    assert [(r["stage"], r["method"], r["seed"]) for r in records] == [
+        ("final", "zero-shot", 0), ("final", "prompt", 0), ("final", "prompt", 1),
+    ]
+    assert chosen == {"prompt": 0.2}
+    assert {r["lr"] for r in records if r["method"] == "prompt"} == {0.2}

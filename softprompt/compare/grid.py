@@ -236,9 +236,11 @@ def _note(info: dict) -> str | None:
 
 
 def search_cells(plan: Plan) -> list[Cell]:
-    """Every trained method at each of its learning rates, first seed, smallest training set."""
+    """Every trained method at each of its learning rates, first seed, smallest training set. A
+    method given one rate (`--lrs prompt=0.03`) has nothing to choose: it is not searched."""
     shots, seed = plan.shots[0], plan.seeds[0]
-    return [Cell("search", m, shots, seed, lr) for m in plan.methods if METHODS[m].trains for lr in plan.grid(m)]
+    searched = [m for m in plan.methods if METHODS[m].trains and len(plan.grid(m)) > 1]
+    return [Cell("search", m, shots, seed, lr) for m in searched for lr in plan.grid(m)]
 
 
 def choose_lr(method: str, records: list[dict]) -> float | None:
@@ -371,6 +373,9 @@ class Schedule:
         kind = METHODS[cell.method]
         if cell.stage == "search" or not kind.trains:
             return cell
+        if cell.method not in self.chosen and len(grid := self.plan.grid(cell.method)) == 1:
+            self.chosen[cell.method] = grid[0]
+            self.console.print(f"learning rate for {cell.method}: {grid[0]:g} (given; not searched)")
         if cell.method not in self.chosen:
             searched = [r for r in self.records.values() if r["stage"] == "search"]
             self.chosen[cell.method] = choose_lr(cell.method, searched)
