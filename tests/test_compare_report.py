@@ -318,3 +318,12 @@ def test_console_table_has_one_line_per_row_and_shows_status(report):
     console.print(table)
     text = console.export_text()
     assert "75.0 ± 7.1" in text and "failed: CUDA out of memory" in text
+
+
+def test_notes_name_each_trained_setting_below_zero_shot(tmp_path):
+    cells = [cell("zero-shot", "16", 0, 0.72), cell("prompt", "16", 0, 0.68), cell("prompt", "16", 1, 0.74),
+             cell("lora", "16", 0, 0.71), cell("lora", "16", 1, 0.85)]
+    write_report(tmp_path, cells, META | {"shots": ["16"]})
+    notes = (tmp_path / "report.md").read_text().split("## Notes", 1)[1]
+    assert "prompt (16 per label) scored 71.0, below zero-shot's 72.0" in notes  # the mean of 68 and 74
+    assert "lora" not in notes  # its mean, 78.0, is above

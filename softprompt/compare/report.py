@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table as RichTable  # noqa: E402
 from rich.text import Text  # noqa: E402
 
+from ..methods import METHODS  # noqa: E402
 from ..plots import metric_axis_limits, save_figure  # noqa: E402
 from ..run import write_atomic  # noqa: E402
 from ..taskfile import CLASSIFICATION_METRICS  # noqa: E402
@@ -313,10 +314,29 @@ def _intro(meta: dict) -> str:
     )
 
 
-def _notes(cells: list[dict], meta: dict) -> list[str]:
-    """The meta's notes, then each method's own notes (e.g. how many demonstrations), once each."""
+def _notes(cells: list[dict], meta: dict, rows: list[dict]) -> list[str]:
+    """The meta's notes, each method's own notes (e.g. how many demonstrations), once each, then
+    every trained setting whose mean fell below zero-shot's on the same training-set size."""
     own = [f"{c['method']}: {c['note']}" for c in cells if c.get("stage") == "final" and c.get("note")]
-    return list(dict.fromkeys([*meta.get("notes", []), *own]))
+    return list(dict.fromkeys([*meta.get("notes", []), *own, *_below_zero_shot(rows, meta)]))
+
+
+def _below_zero_shot(rows: list[dict], meta: dict) -> list[str]:
+    """A user must see where training left them worse than no training at all (the report rows
+    choose nothing, so saying so is honest; nothing is dropped or changed for it)."""
+    zero = {r["shots"]: r["mean"] for r in rows if r["method"] == "zero-shot" and r["mean"] is not None}
+    metric = meta["metric"]
+    return [
+        f"{r['method']} ({_shots_text(r['shots'])}) scored {_score(metric, r['mean'])}, below zero-shot's "
+        f"{_score(metric, zero[r['shots']])}: training did not pay off on these rows"
+        for r in rows
+        if METHODS.get(r["method"]) is not None and METHODS[r["method"]].trains
+        and r["mean"] is not None and r["shots"] in zero and r["mean"] < zero[r["shots"]]
+    ]
+
+
+def _shots_text(shots: str) -> str:
+    return "all training rows" if shots == "all" else f"{shots} per label"
 
 
 def _blocks(cells: list[dict], meta: dict, rows: list[dict], images: list[Image]) -> list[Block]:
@@ -330,7 +350,7 @@ def _blocks(cells: list[dict], meta: dict, rows: list[dict], images: list[Image]
         blocks += [Heading("All test metrics"), metrics]
     if (search := _search_table(cells, meta)) is not None:
         blocks += [Heading("Learning-rate search"), search]
-    if notes := _notes(cells, meta):
+    if notes := _notes(cells, meta, rows):
         blocks += [Heading("Notes"), Bullets(notes)]
     if images:
         blocks += [Heading("Figures"), *images]
