@@ -473,6 +473,13 @@ def _outcome(info: RunInfo, kind: type[Method]) -> str:
     kept = f"kept the state of step {metrics['best_step']}" if kind.trains else f"{kind.name}: nothing to train"
     if kind.fits:
         kept = f"{kind.name}: fitted in {metrics['train_seconds']:.1f}s, no gradient steps"
+    if fell_back := metrics["validation"].get("fell_back"):
+        metric = info.training["metric"]
+        kept = (
+            f"kept the template alone (zero-shot prompting): training's best state (step {fell_back['trained_step']}, "
+            f"validation {metric} {fell_back['trained'][metric]:.3f}) scored under it ({fell_back['zero_shot'][metric]:.3f}), "
+            "so the run answers as zero-shot"
+        )
     if "dev" not in metrics:
         return f"{kept}; validation {info.training['metric']} {metrics['validation']['kept'][info.training['metric']]:.3f}{_short_of_zero_shot(info, kind)}"
     zero = f" (zero-shot: {_describe(metrics['dev_zero_shot'])})" if "dev_zero_shot" in metrics else ""
@@ -484,7 +491,7 @@ def _short_of_zero_shot(info: RunInfo, kind: type[Method]) -> str:
     (the kept state, calibrated where calibration was kept): the template alone does as well."""
     metric, validation = info.training["metric"], info.metrics["validation"]
     zero = validation.get("zero_shot", {}).get(metric)
-    if not kind.trains or zero is None:
+    if not kind.trains or zero is None or "fell_back" in validation:
         return ""
     kept = validation["kept"][metric]
     if calibration.prior_of(info) is not None and "calibrated" in validation:
@@ -697,6 +704,24 @@ def _calibrate(task: Task, state: TrainState, progress: Progress) -> tuple[dict,
     return recorded, {"calibrated": {metric: measured}}
 
 
+def _fallback(state: TrainState, trainer: Method, metric: str, calibrated: dict) -> dict:
+    """{"fell_back": ...} when the run keeps the template alone: training's kept state (calibrated
+    where calibration was kept) scored under zero-shot prompting on the validation rows, so a run
+    never leaves a user worse off there than no training. Empty otherwise, and for methods whose
+    step 0 already is the template alone (lora, full: their kept state is never below it) or that
+    fit rather than train; only when zero-shot was scored (not under --no-zero-shot)."""
+    zero = state.baseline.get("zero_shot", {}).get(metric)
+    kept = calibrated.get("calibrated", {}).get(metric, state.best)
+    if zero is None or not trainer.trains or trainer.changes_base or trainer.fits or kept >= zero:
+        return {}
+    return {"fell_back": {"trained": {metric: kept}, "trained_step": state.best_step, "zero_shot": {metric: zero}}}
+
+
+def _kept_score(state: TrainState, fallback: dict, metric: str) -> float:
+    """The validation score of what the run keeps: its best state's, or zero-shot's after a fallback."""
+    return fallback["fell_back"]["zero_shot"][metric] if fallback else state.best
+
+
 def _describe(result: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
 
@@ -723,6 +748,12 @@ def _finish(
     trainer.load_state(checkpoint.best)
     task.use_method(trainer)
     calibrated, check = _calibrate(task, state, progress) if trainer.trains else ({}, {})
+    fallback = _fallback(state, trainer, spec.train.metric, check if calibrated else {})
+    if fallback:
+        task.model, calibrated = task.model.with_prompt(None), {}  # the template alone, as zero-shot scored it
+        if processes().is_main:
+            for artifact in run.glob("*.safetensors"):  # the trained state's files (prompt, prefix, label vectors)
+                artifact.unlink()
     results: dict = {}
     scored = time.perf_counter()
     if report:
@@ -733,15 +764,15 @@ def _finish(
     eval_seconds = time.perf_counter() - scored
     info = RunInfo(
         kind=task.kind,
-        method=trainer.name,
-        method_settings={**settings, **trainer.info(), **calibrated},
+        method="zero-shot" if fallback else trainer.name,
+        method_settings={**settings, **calibrated, **({"fell_back_from": trainer.name} if fallback else trainer.info())},
         label_scores=spec.label_scores,
-        label_vectors=trainer.label_rows is not None or trainer.label_head is not None,
+        label_vectors=not fallback and (trainer.label_rows is not None or trainer.label_head is not None),
         model=model_name(trainer.backbone.spec),  # the model trained on, by name (not `default`: the default may change)
         fingerprint=checkpoint.identity["model_fingerprint"],  # the model the run started from
-        template=spec.template,
+        template=task.template.without_soft().source() if fallback else spec.template,
         columns=spec.data.columns,
-        soft_tokens=task.template.soft_tokens,
+        soft_tokens=0 if fallback else task.template.soft_tokens,
         max_length=spec.train.max_length,
         init=str(spec.init),
         training=spec.train.model_dump(),
@@ -749,7 +780,7 @@ def _finish(
     )
     info.metrics = {
         **results,
-        "validation": {**state.baseline, "kept": {spec.train.metric: state.best}, **check},
+        "validation": {**state.baseline, "kept": {spec.train.metric: _kept_score(state, fallback, spec.train.metric)}, **check, **fallback},
         "best_step": state.best_step,
         "steps": state.step,
         "stopped_early": state.stopped_early,
@@ -759,7 +790,7 @@ def _finish(
         "processes": processes().count,  # that trained it (each its share of every batch)
         "eval_examples_per_s": round(len(task.rows["dev"]) / eval_seconds, 2) if report else None,
         "trainable_parameters": sum(p.numel() for p in trainer.trainable().values()),
-        "saved_parameters": state.saved_parameters,  # the kept artifact is on disk since its step
+        "saved_parameters": 0 if fallback else state.saved_parameters,  # the kept artifact is on disk since its step
         "rows": {role: len(getattr(task.splits, role)) for role in ("train", "validation", "dev")},
         "cut_rows": {role: summary.rows for role, summary in task.cuts()},
     }

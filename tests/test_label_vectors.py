@@ -177,6 +177,43 @@ def test_the_end_line_says_when_training_did_not_beat_zero_shot(tmp_path, tiny_m
     assert "did not beat zero-shot" not in _outcome(info, method_class("zero-shot"))
 
 
+def test_a_run_whose_training_scored_under_zero_shot_keeps_the_template_alone(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    """Zero-shot's validation score is raised past anything training can reach: the run must keep
+    the template alone (task.json says zero-shot, no trained files), answer on the dev rows exactly
+    as zero-shot prompting does, and load back as that."""
+    from softprompt.task import Task
+
+    real = Task.zero_shot
+
+    def unbeatable(self, role, progress=None):
+        result = real(self, role, progress)
+        return {**result, "accuracy": 1.01} if role == "validation" else result
+
+    monkeypatch.setattr(Task, "zero_shot", unbeatable)
+    spec = _task(tmp_path, tiny_model_dir, steps=2)  # per-label vectors: their file must go too
+    run = tmp_path / "run"
+    info = train(spec, run, backbone=tiny_backbone, console=quiet())
+    fell_back = info.metrics["validation"]["fell_back"]
+    assert info.method == "zero-shot" and fell_back["zero_shot"]["accuracy"] == 1.01
+    assert info.metrics["validation"]["kept"]["accuracy"] == 1.01
+    assert "{soft" not in info.template and info.soft_tokens == 0 and not info.label_vectors
+    assert not list(run.glob("*.safetensors"))
+    assert info.metrics["dev"]["accuracy"] == info.metrics["dev_zero_shot"]["accuracy"]
+    model, _ = load_run(run, tiny_backbone)
+    assert model.lm.prompt is None and model.label_head is None and model.template.soft_tokens == 0
+    assert "kept the template alone" in _outcome(info, method_class("prompt"))
+
+
+def test_a_run_that_beats_zero_shot_keeps_its_trained_state(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    from softprompt.task import Task
+
+    real = Task.zero_shot
+    monkeypatch.setattr(Task, "zero_shot", lambda self, role, progress=None: {**real(self, role, progress), "accuracy": -1.0})
+    info = train(_task(tmp_path, tiny_model_dir, steps=2), tmp_path / "run", backbone=tiny_backbone, console=quiet())
+    assert info.method == "prompt" and "fell_back" not in info.metrics["validation"]
+    assert (tmp_path / "run" / "prompt.safetensors").exists()
+
+
 @pytest.mark.parametrize("name", ["prompt", "residual", "p-tuning"])
 def test_every_soft_prompt_method_starts_exactly_from_its_init_prompt(name, tmp_path, tiny_model_dir, tiny_backbone):
     """Step 0 reads the init prompt, not a random encoder's output (p-tuning's MLP included)."""
