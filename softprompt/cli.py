@@ -472,7 +472,9 @@ def inspect(
         _fail(err)
     prompt, backbone = task_model.lm.prompt, task_model.backbone
     if not method_class(info.method).plain_prompt:
-        _fail(ArtifactError(f"{run}: a {info.method!r} run holds no soft vectors to inspect"))
+        fell_back = info.method_settings.get("fell_back_from")
+        why = f" (its {fell_back} training scored under zero-shot on validation and was not kept: task.json, validation.fell_back)" if fell_back else ""
+        _fail(ArtifactError(f"{run}: a {info.method!r} run holds no soft vectors to inspect{why}"))
     vocab_norm = prompt.vocab_norm(backbone)
     table = Table(
         "#",

@@ -202,6 +202,8 @@ def test_a_run_whose_training_scored_under_zero_shot_keeps_the_template_alone(tm
     model, _ = load_run(run, tiny_backbone)
     assert model.lm.prompt is None and model.label_head is None and model.template.soft_tokens == 0
     assert "kept the template alone" in _outcome(info, method_class("prompt"))
+    inspected = CliRunner().invoke(app, ["inspect", str(run)])
+    assert inspected.exit_code != 0 and "was not kept" in inspected.output
 
 
 def test_a_run_that_beats_zero_shot_keeps_its_trained_state(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
