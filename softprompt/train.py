@@ -752,8 +752,8 @@ def _finish(
     if fallback:
         task.model, calibrated = task.model.with_prompt(None), {}  # the template alone, as zero-shot scored it
         if processes().is_main:
-            for artifact in run.glob("*.safetensors"):  # the trained state's files (prompt, prefix, label vectors)
-                artifact.unlink()
+            for name in trainer.artifact_files():  # the trained state's files (prompt, prefix, label vectors)
+                (run / name).unlink(missing_ok=True)
     results: dict = {}
     scored = time.perf_counter()
     if report:
