@@ -708,11 +708,12 @@ def _fallback(state: TrainState, trainer: Method, metric: str, calibrated: dict)
     """{"fell_back": ...} when the run keeps the template alone: training's kept state (calibrated
     where calibration was kept) scored under zero-shot prompting on the validation rows, so a run
     never leaves a user worse off there than no training. Empty otherwise, and for methods whose
-    step 0 already is the template alone (lora, full: their kept state is never below it) or that
-    fit rather than train; only when zero-shot was scored (not under --no-zero-shot)."""
+    step 0 already is the template alone (lora, full: their kept state is never below it) and for
+    those that take no gradient steps (linear-probe's fit among them); only when zero-shot was
+    scored (not under --no-zero-shot)."""
     zero = state.baseline.get("zero_shot", {}).get(metric)
     kept = calibrated.get("calibrated", {}).get(metric, state.best)
-    if zero is None or not trainer.trains or trainer.changes_base or trainer.fits or kept >= zero:
+    if zero is None or not trainer.trains or trainer.changes_base or kept >= zero:
         return {}
     return {"fell_back": {"trained": {metric: kept}, "trained_step": state.best_step, "zero_shot": {metric: zero}}}
 
