@@ -359,7 +359,7 @@ def _open(
     identity = run_identity(task.spec, backbone, kind.name)  # the model as it is before the method changes it
     trainer = kind.build(task, backbone)
     if spec.label_vectors and not kind.learns_label_vectors():
-        console.print(f"[yellow]note: label_vectors is ignored by method {method!r} (it trains no soft prompt)")
+        console.print(f"[yellow]note: label_vectors is ignored by method {method!r} (it takes no gradient steps)")
     checkpoint, fresh = _starting_point(run, trainer, identity, found, console)
     if warn:
         _warn_task(task, backbone, console, kind.trains)

@@ -249,6 +249,40 @@ def test_label_init_fit_starts_the_head_as_a_logistic_regression_of_the_prompted
     assert not torch.allclose(name.label_head.vectors, method.label_head.vectors)  # not the names' start
 
 
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_a_method_that_changes_the_weights_trains_a_per_label_head_that_starts_as_the_linear_probe(name, tmp_path, tiny_model_dir, monkeypatch):
+    """lora and full with `label_vectors: per_label` and `label_init: fit`: at step 0 the head is the
+    linear probe's (the same rows, the same features: the template without soft tokens, read at
+    its last token), it trains beside the weights at label_lr, is saved beside them, and the run
+    read back scores as it reported."""
+    from softprompt.backbone import Backbone
+
+    spec = _task(tmp_path, tiny_model_dir, top="label_vectors: per_label\nlabel_init: fit\n", extra=", label_lr: 0.05")
+    backbone = Backbone.load(str(tiny_model_dir))
+    task, _ = _task_for(spec, method_class(name), backbone)
+    method = method_class(name).build(task, backbone)
+    probe = method_class("linear-probe").build(_task_for(spec, method_class("linear-probe"), backbone)[0], backbone)
+    torch.testing.assert_close(method.label_head.vectors, probe.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(method.label_head.bias, probe.bias, atol=1e-5, rtol=1e-4)
+    labels = {id(p) for p in method.label_head.parameters()}
+    groups = method.param_groups(spec.train.lr, spec.train.label_lr)
+    assert {id(p) for p in groups[-1]["params"]} == labels and groups[-1]["scale"] == spec.train.label_lr / spec.train.lr
+    assert not labels & {id(p) for g in groups[:-1] for p in g["params"]}
+
+    import softprompt.train as train_mod
+
+    checkpoints, save = [], train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda run, c: (checkpoints.append(c.params), save(run, c)))
+    info = train(spec, tmp_path / "run", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), baselines=False, method=name)
+    assert info.method_settings["label_vectors"] == "per_label"
+    last = checkpoints[-1]["label_head.vectors"]  # the last step's head, checkpointed with the weights
+    assert not torch.allclose(last, probe.weight.detach(), atol=1e-4)  # it trained
+    saved = load_file(str(tmp_path / "run" / "labels.safetensors"))
+    model, _ = load_run(tmp_path / "run", Backbone.load(str(tiny_model_dir)))
+    torch.testing.assert_close(model.label_head.vectors.detach().cpu(), saved["label_vectors"])
+    assert task.score(model, "dev")["confusion"] == info.metrics["dev"]["confusion"]
+
+
 def test_label_init_fit_refuses_a_label_with_no_training_rows_and_a_misspelling(tmp_path, tiny_model_dir, tiny_backbone):
     spec = _task(tmp_path, tiny_model_dir, top="label_vectors: per_label\nlabel_init: fit\n")
     spec.verbalizer = {"positive": ["code"], "negative": ["Sentiment"], "neutral": ["so"]}

@@ -96,8 +96,8 @@ def test_a_run_with_label_vectors_stopped_and_resumed_equals_the_straight_run(tm
             torch.testing.assert_close(load_file(str(tmp_path / "cut" / name))[key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["zero-shot", "lora"])
-def test_label_vectors_are_ignored_by_methods_without_a_soft_prompt_and_refused_for_generation(name, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("name", ["zero-shot", "linear-probe"])
+def test_label_vectors_are_ignored_by_methods_that_take_no_gradient_steps_and_refused_for_generation(name, tmp_path, tiny_model_dir):
     spec = task_file(tmp_path, tiny_model_dir, steps=2, top="label_vectors: true\n")
     info = train(spec, tmp_path / "run", backbone=Backbone.load(str(tiny_model_dir)), console=quiet(), method=name)
     assert not info.label_vectors and not (tmp_path / "run" / "labels.safetensors").exists()

@@ -115,9 +115,12 @@ class Method(torch.nn.Module):
 
     @classmethod
     def learns_label_vectors(cls) -> bool:
-        """Whether `label_vectors` (true or per_label) trains label vectors beside this method's own tensors: not
-        for methods that train nothing, nor for those whose state is the model's weights (lora, full)."""
-        return cls.trains and not cls.changes_base
+        """Whether `label_vectors` (true or per_label) trains label vectors beside this method's own
+        tensors: every method that takes gradient steps. For lora and full, a per-label head is the
+        classification head that fine-tuning for classification trains beside the body (PEFT's
+        `modules_to_save`); started by `label_init: fit` it makes their step 0 the linear probe
+        (LP-FT proper), and a row's cost stops growing with its labels' tokens."""
+        return cls.trains
 
     @classmethod
     def create(cls, task: Task, backbone: Backbone) -> Method:

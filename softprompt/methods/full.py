@@ -34,7 +34,7 @@ class FullFineTuning(Method):
         backbone.mark_changed("full fine-tuning (training)")
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.backbone.model.named_parameters())
+        return {**dict(self.backbone.model.named_parameters()), **super().trainable()}  # label vectors too
 
     def save(self, run: Path) -> int:
         with atomic_file(Path(run) / WEIGHTS) as tmp:

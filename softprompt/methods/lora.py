@@ -47,7 +47,8 @@ class LoRA(Method):
             p.requires_grad_("lora_" in name)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.backbone.model.named_parameters() if p.requires_grad}
+        adapters = {name: p for name, p in self.backbone.model.named_parameters() if p.requires_grad}
+        return {**adapters, **super().trainable()}  # and learned label vectors, when the task has them
 
     def save(self, run: Path) -> int:
         tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.backbone.model).items()}
