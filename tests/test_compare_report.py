@@ -327,3 +327,21 @@ def test_notes_name_each_trained_setting_below_zero_shot(tmp_path):
     notes = (tmp_path / "report.md").read_text().split("## Notes", 1)[1]
     assert "prompt (16 per label) scored 71.0, below zero-shot's 72.0" in notes  # the mean of 68 and 74
     assert "lora" not in notes  # its mean, 78.0, is above
+
+
+def test_the_report_says_how_many_test_rows_each_cell_scores_and_that_cell_times_overlap(tmp_path):
+    from types import SimpleNamespace
+
+    from softprompt.compare.grid import Plan, _report_limit, _rows_text
+    from softprompt.compare.report import _intro
+
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"text": str(i), "label": "a"}) + "\n" for i in range(5)))
+    spec = SimpleNamespace(train=SimpleNamespace(report_limit=3))
+    plan = Plan(task=tmp_path / "t.yaml", out=tmp_path, methods=[], shots=["16"], seeds=[0], steps=1, test=path, budget_s=None)
+    assert _rows_text(path, _report_limit(plan, spec)) == f"{path} (5 rows, of which each cell scores a seeded, label-stratified 3)"
+    plan.extra = ("--report-limit=2",)  # the command line's flag wins
+    assert _report_limit(plan, spec) == 2
+    assert _rows_text(path, None) == _rows_text(path, 9) == f"{path} (5 rows)"
+    assert "summed over cells, up to 2 of which ran at once" in _intro({"jobs": 2, "wall_seconds": 60})
+    assert "summed" not in _intro({"jobs": 1, "wall_seconds": 60})

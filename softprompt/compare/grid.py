@@ -291,7 +291,7 @@ def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
         "seeds": plan.seeds,
         "steps": plan.steps,
         "batch_size": spec.train.batch_size,
-        "report_rows": _rows_text(plan.test or spec.path(spec.data.dev) if (plan.test or spec.data.dev) else None),
+        "report_rows": _rows_text(plan.test or spec.path(spec.data.dev) if (plan.test or spec.data.dev) else None, _report_limit(plan, spec)),
         "validation_rows": _validation_text(spec),
         "budget_seconds": plan.budget_s,
         "wall_seconds": round(runner.spent(), 1),
@@ -400,10 +400,18 @@ def _shared_baselines(records: list[dict], plan: Plan) -> list[dict]:
     return out
 
 
-def _rows_text(path) -> str:
+def _rows_text(path, limit: int | None = None) -> str:
     if path is None:
         return "a held-out slice of train"
-    return f"{path} ({len(open_source(path))} rows)"  # any format: a table's row count, a text file's rows
+    rows = len(open_source(path))  # any format: a table's row count, a text file's rows
+    sample = f", of which each cell scores a seeded, label-stratified {limit}" if limit and limit < rows else ""
+    return f"{path} ({rows} rows{sample})"
+
+
+def _report_limit(plan: Plan, spec) -> int | None:
+    """The report rows a cell scores at most: --report-limit, else the task file's train.report_limit."""
+    given = [flag.split("=", 1)[1] for flag in plan.extra if flag.startswith("--report-limit=")]
+    return int(given[-1]) if given else spec.train.report_limit
 
 
 def _validation_text(spec) -> str:

@@ -310,8 +310,14 @@ def _intro(meta: dict) -> str:
         f"Validation rows: {meta.get('validation_rows', DASH)}. Seeds: {seeds}; scores are the mean ± "
         f"sample standard deviation over the seeds that finished. Time budget: "
         f"{_duration(budget) if budget is not None else 'none'}. Wall time of the whole comparison: "
-        f"{_duration(meta.get('wall_seconds'))}."
+        f"{_duration(meta.get('wall_seconds'))}{_overlap(meta)}."
     )
+
+
+def _overlap(meta: dict) -> str:
+    """What the summed cell time means when cells ran side by side (`--jobs`)."""
+    jobs = meta.get("jobs") or 1
+    return f" (summed over cells, up to {jobs} of which ran at once)" if jobs > 1 else ""
 
 
 def _notes(cells: list[dict], meta: dict, rows: list[dict]) -> list[str]:
