@@ -707,10 +707,11 @@ def _calibrate(task: Task, state: TrainState, progress: Progress) -> tuple[dict,
 def _fallback(state: TrainState, trainer: Method, metric: str, calibrated: dict) -> dict:
     """{"fell_back": ...} when the run keeps the template alone: training's kept state (calibrated
     where calibration was kept) scored under zero-shot prompting on the validation rows, so a run
-    never leaves a user worse off there than no training. Empty otherwise, and for methods whose
-    step 0 already is the template alone (lora, full: their kept state is never below it) and for
-    those that take no gradient steps (linear-probe's fit among them); only when zero-shot was
-    scored (not under --no-zero-shot)."""
+    never leaves a user worse off there than no training. Empty otherwise; for methods that change
+    the model's weights (lora, full: without label vectors their step 0 is the template alone, a
+    candidate; with them, falling back would need the unchanged weights back); for those that take
+    no gradient steps (linear-probe's fit among them); and when zero-shot was not scored
+    (--no-zero-shot)."""
     zero = state.baseline.get("zero_shot", {}).get(metric)
     kept = calibrated.get("calibrated", {}).get(metric, state.best)
     if zero is None or not trainer.trains or trainer.changes_base or kept >= zero:
