@@ -42,14 +42,23 @@ def _readable(classifier: Classifier, row: dict[str, str]) -> bool:
 
 
 def settings(prior: torch.Tensor) -> dict:
-    """What a calibrated run records in task.json's method_settings."""
-    return {SETTING: [round(float(p), 6) for p in prior]}
+    """What a calibrated run records in task.json's method_settings: every probability exactly (a
+    float32 is exact as a JSON double), since with many labels some are far below 1e-6 and a
+    rounded 0 would make its label's calibrated score infinite."""
+    return {SETTING: [float(p) for p in prior]}
 
 
 def prior_of(info: RunInfo) -> torch.Tensor | None:
     """The prior a run was calibrated with, or None."""
     prior = info.method_settings.get(SETTING)
-    return torch.tensor(prior) if prior is not None else None
+    if prior is None:
+        return None
+    prior = torch.tensor(prior, dtype=torch.float32)
+    # runs written before the exact record rounded to 6 decimals: a 0 there was below 5e-7
+    return torch.where(prior > 0, prior, torch.tensor(ROUNDED_AWAY))
+
+
+ROUNDED_AWAY = 5e-7
 
 
 def is_calibrated(info: RunInfo) -> bool:

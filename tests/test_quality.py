@@ -150,6 +150,19 @@ def test_calibration_of_a_trained_prompt_is_kept_only_when_asked_or_when_it_help
     assert (model.prior is not None) == kept
 
 
+def test_a_kept_prior_is_read_back_exactly_even_where_a_label_is_below_one_in_a_million(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
+    # with many labels a content-free prior holds probabilities far below 1e-6 (Banking77: a
+    # rounded 0 made a label's calibrated score infinite and every probability NaN)
+    prior = torch.tensor([3e-9, 1 - 3e-9])
+    monkeypatch.setattr("softprompt.calibration.content_free_prior", lambda model: prior)
+    spec = task_file(tmp_path, tiny_model_dir, steps=2, extra=", calibrate: on")
+    train(spec, tmp_path / "run", backbone=tiny_backbone, console=quiet(), baselines=False)
+    model, _ = load_run(tmp_path / "run", tiny_backbone)
+    assert torch.equal(model.prior, prior)
+    rows = model.encode([{"text": t} for t in ["a great film", "boring mess"]])
+    assert torch.isfinite(model.predict_proba(rows)).all()
+
+
 def test_auto_calibration_is_kept_when_it_raises_the_validation_score(tmp_path, tiny_model_dir, tiny_backbone, monkeypatch):
     # a lr far too small to move the prompt: the untrained prompt's bias stays, and dividing out
     # its mean prediction on the validation rows themselves must do better than always one label
