@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 SETTING = "calibration"  # the key of the prior in task.json's method_settings
+ROUNDED_AWAY = 5e-7  # what a 0 in a prior written to 6 decimals (before the exact record) stood for
 
 
 def content_free_prior(classifier: Classifier) -> torch.Tensor:
@@ -54,11 +55,7 @@ def prior_of(info: RunInfo) -> torch.Tensor | None:
     if prior is None:
         return None
     prior = torch.tensor(prior, dtype=torch.float32)
-    # runs written before the exact record rounded to 6 decimals: a 0 there was below 5e-7
     return torch.where(prior > 0, prior, torch.tensor(ROUNDED_AWAY))
-
-
-ROUNDED_AWAY = 5e-7
 
 
 def is_calibrated(info: RunInfo) -> bool:

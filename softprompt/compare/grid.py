@@ -7,8 +7,9 @@ finished cells. The learning-rate search runs first, on one seed at the smallest
 and chooses on validation rows only; the final cells score the report rows (the test file), which
 nothing ever chose on. A search cell runs the very command of the final cell of its seed, shots and
 rate, so the search scores the report rows too (its record keeps only validation) and the final cell
-at the chosen rate is that run, read back, not trained again. The budget counts the wall time of every finished cell, earlier invocations
-included; a cell that would not fit is reported as over budget, not dropped.
+at the chosen rate is that run, read back, not trained again. The budget counts the wall time of
+every finished cell, earlier invocations included; a cell that would not fit is reported as over
+budget, not dropped.
 """
 
 from __future__ import annotations
@@ -148,9 +149,8 @@ class Runner:
         record, run = self.record(search), self.folder / search.id
         if record is None or record.get("status") != "done" or not (run / "task.json").is_file():
             return None
-        if "dev" not in json.loads((run / "task.json").read_text())["metrics"]:
-            return None
-        return {**_from_run(cell, run, record["wall_seconds"], record["peak_rss_mb"]), "reused": search.id}
+        final = _from_run(cell, run, record["wall_seconds"], record["peak_rss_mb"])
+        return None if final["test"] is None else {**final, "reused": search.id}
 
     def _execute(self, cell: Cell) -> dict:
         run = self.folder / cell.id
