@@ -43,8 +43,8 @@ def main() -> None:
         task = make_task(spec, backbone)
         model = method_class("prompt").build(task, backbone).apply(task.model)
         report = task.score(model, "dev")
-        row = {"template": template, "dev_accuracy": report["accuracy"], "dev_rows": report["n"]}
-        starts.append({**row, "seconds": round(time.perf_counter() - started, 1)})
+        seconds = round(time.perf_counter() - started, 1)
+        starts.append({"template": template, "dev_accuracy": report["accuracy"], "dev_rows": report["n"], "seconds": seconds})
         print(json.dumps(starts[-1]), flush=True)
     print(json.dumps({"task": str(args.task), "seed": args.seed, "starts": starts}))
 
