@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--template", action="append", required=True, help="a template to start from (repeat)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dev-rows", type=int, default=1000, help="dev rows scored (label-stratified)")
+    parser.add_argument("--init", help="the soft tokens' init for every template (default: the task file's)")
     args = parser.parse_args()
 
     from softprompt import Backbone
@@ -38,13 +39,13 @@ def main() -> None:
     starts = []
     for template in args.template:
         started = time.perf_counter()
-        spec = load_task(args.task, {"template": template, "seed": args.seed, "report_limit": args.dev_rows})
+        spec = load_task(args.task, {"template": template, "seed": args.seed, "report_limit": args.dev_rows, "init": args.init})
         backbone = backbone or Backbone.load(spec.model)
         task = make_task(spec, backbone)
         model = method_class("prompt").build(task, backbone).apply(task.model)
         report = task.score(model, "dev")
         seconds = round(time.perf_counter() - started, 1)
-        starts.append({"template": template, "dev_accuracy": report["accuracy"], "dev_rows": report["n"], "seconds": seconds})
+        starts.append({"template": template, "init": spec.init, "dev_accuracy": report["accuracy"], "dev_rows": report["n"], "seconds": seconds})
         print(json.dumps(starts[-1]), flush=True)
     print(json.dumps({"task": str(args.task), "seed": args.seed, "starts": starts}))
 
