@@ -23,9 +23,9 @@ TEMPLATE = "{soft:20} Review: {text} Sentiment: {label}"
 VERBALIZER = {"negative": ["negative"], "positive": ["positive"]}
 
 
-def run_softprompt(
-    data: Path, steps: int, eval_n: int, lr: float | None, init: str | None, seed: int, warmup: float | None
-) -> dict:
+def run_softprompt(data: Path, steps: int, eval_n: int, seed: int, init: str | None, changes: dict) -> dict:
+    """`changes`: the train settings (lr, warmup, schedule, eval_every) the command line sets; the rest
+    stay ours (validation once, at the end, unless eval_every is set)."""
     from rich.console import Console
 
     from softprompt import Backbone, TaskSpec, load_classifier
@@ -40,10 +40,7 @@ def run_softprompt(
     # the dev rows we report. train() ends by scoring all dev rows; the timed pass below scores the
     # first eval_n dev rows again, as the PEFT side does, to measure evaluation throughput.
     settings = {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_limit": 200, "seed": seed}
-    if lr is not None:
-        settings["lr"] = lr
-    if warmup is not None:
-        settings["warmup"] = warmup
+    settings |= {key: value for key, value in changes.items() if value is not None}
     spec = TaskSpec.model_validate(
         {
             "template": TEMPLATE,
@@ -81,6 +78,8 @@ def run_softprompt(
         "lr": spec.train.lr,
         "init": spec.init,
         "warmup": spec.train.warmup,
+        "schedule": spec.train.schedule,
+        "eval_every": spec.train.eval_every,
         "kept_step": info.metrics["best_step"],  # the step whose prompt was kept (validated on train rows)
     }
 
@@ -92,6 +91,8 @@ def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
         command += [f"--lr={args.lr}"] if args.lr is not None else []
         command += [f"--init={args.init}"] if args.init else []
         command += [f"--warmup={args.warmup}"] if args.warmup is not None else []
+        command += [f"--schedule={args.schedule}"] if args.schedule else []
+        command += [f"--eval-every={args.eval_every}"] if args.eval_every else []
     if side == "peft":
         command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
         command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
@@ -109,12 +110,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="softprompt's learning rate (default: ours)")
     parser.add_argument("--init", default=None, help="softprompt's init (default: ours)")
     parser.add_argument("--warmup", type=float, default=None, help="softprompt's warmup share (default: ours)")
+    parser.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="softprompt's lr schedule")
+    parser.add_argument("--eval-every", type=int, help="softprompt's validation interval (default: at the end)")
     parser.add_argument("--seed", type=int, default=0, help="data order (and init) seed for both sides")
     parser.add_argument("--side", choices=["softprompt", "peft"], help="run one side here (internal)")
     parser.add_argument("--only", choices=["softprompt", "peft"], help="run just one side")
     args = parser.parse_args()
     if args.side == "softprompt":
-        result = run_softprompt(args.data, args.steps, args.eval_n, args.lr, args.init, args.seed, args.warmup)
+        changes = {"lr": args.lr, "warmup": args.warmup, "schedule": args.schedule, "eval_every": args.eval_every}
+        result = run_softprompt(args.data, args.steps, args.eval_n, args.seed, args.init, changes)
         print(json.dumps(result))
         return
     sides = [args.only] if args.only else ["softprompt", "peft"]
