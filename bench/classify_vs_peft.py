@@ -21,11 +21,12 @@ from tempfile import TemporaryDirectory
 HERE = Path(__file__).resolve().parent
 TEMPLATE = "{soft:20} Review: {text} Sentiment: {label}"
 VERBALIZER = {"negative": ["negative"], "positive": ["positive"]}
+SOFTPROMPT_SETTINGS = ("lr", "warmup", "schedule", "eval_every")  # train settings the command line may change
 
 
 def run_softprompt(data: Path, steps: int, eval_n: int, seed: int, init: str | None, changes: dict) -> dict:
-    """`changes`: the train settings (lr, warmup, schedule, eval_every) the command line sets; the rest
-    stay ours (validation once, at the end, unless eval_every is set)."""
+    """`changes`: the SOFTPROMPT_SETTINGS the command line sets; the rest stay ours (validation
+    once, at the end, unless eval_every is set)."""
     from rich.console import Console
 
     from softprompt import Backbone, TaskSpec, load_classifier
@@ -88,11 +89,9 @@ def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--data", str(args.data)]
     command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
     if side == "softprompt":
-        command += [f"--lr={args.lr}"] if args.lr is not None else []
-        command += [f"--init={args.init}"] if args.init else []
-        command += [f"--warmup={args.warmup}"] if args.warmup is not None else []
-        command += [f"--schedule={args.schedule}"] if args.schedule else []
-        command += [f"--eval-every={args.eval_every}"] if args.eval_every else []
+        for name in ("init", *SOFTPROMPT_SETTINGS):
+            value = getattr(args, name)
+            command += [f"--{name.replace('_', '-')}={value}"] if value is not None else []
     if side == "peft":
         command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
         command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
@@ -117,7 +116,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["softprompt", "peft"], help="run just one side")
     args = parser.parse_args()
     if args.side == "softprompt":
-        changes = {"lr": args.lr, "warmup": args.warmup, "schedule": args.schedule, "eval_every": args.eval_every}
+        changes = {name: getattr(args, name) for name in SOFTPROMPT_SETTINGS}
         result = run_softprompt(args.data, args.steps, args.eval_n, args.seed, args.init, changes)
         print(json.dumps(result))
         return

@@ -5,8 +5,8 @@ regression of the training rows' slot states *under the initial prompt* (LP-FT).
 tokens sit changes those states, and so the start. For each template given, this builds the prompt
 method as `train` would (same seed, shots, init, fitted head) and scores its step 0 on the task's
 dev rows: no training step. A template without soft tokens is the linear probe's own start. Nothing
-here chooses anything; it is how `examples/banking77.yaml`'s placement was measured (README, "One
-vector per label"). The last stdout line is one JSON object.
+here chooses anything; it is how `examples/banking77.yaml`'s placement and init were measured
+(README, "One vector per label"). The last stdout line is one JSON object.
 
     python bench/fitted_start.py examples/banking77.yaml --seed 0 --dev-rows 1000 \\
         --template '{soft:20} Customer message: {text} Intent: {label}' \\
