@@ -100,12 +100,13 @@ def run_peft(
     lr: float = 3e-2,
     seed: int = 0,
     eval_batch_size: int = 8,
+    split: str = "dev",
 ) -> dict:
     """Prompt-tune with the plain PEFT recipe and return timings, peak RSS and accuracies."""
     torch.manual_seed(seed)
     data = Path(data_dir)
     train_rows = read_jsonl(data / "train.jsonl")
-    dev_rows = read_jsonl(data / "dev.jsonl")[:eval_n]
+    scored_rows = read_jsonl(data / f"{split}.jsonl")[:eval_n]
 
     # Load the model and wrap it with PEFT (both count as load time).
     t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def run_peft(
 
     # Zero-shot: the plain prompt on the base model (not timed into eval throughput).
     with model.disable_adapter():
-        zero_shot_accuracy = evaluate(model, tokenizer, dev_rows, label_ids, 0, eval_batch_size)
+        zero_shot_accuracy = evaluate(model, tokenizer, scored_rows, label_ids, 0, eval_batch_size)
 
     # Training examples: one seeded shuffle of train, cycled through as needed.
     order = list(train_rows)
@@ -157,29 +158,31 @@ def run_peft(
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    dev_accuracy = evaluate(model, tokenizer, dev_rows, label_ids, num_virtual_tokens, eval_batch_size)
+    accuracy = evaluate(model, tokenizer, scored_rows, label_ids, num_virtual_tokens, eval_batch_size)
     eval_s = time.perf_counter() - t0
 
     return {
         "train_examples_per_s": steps * batch_size / train_s if train_s > 0 else 0.0,
-        "eval_examples_per_s": len(dev_rows) / eval_s if eval_s > 0 else 0.0,
+        "eval_examples_per_s": len(scored_rows) / eval_s if eval_s > 0 else 0.0,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "dev_accuracy": dev_accuracy,
+        "accuracy": accuracy,
+        "split": split,
         "zero_shot_accuracy": zero_shot_accuracy,
         "load_s": load_s,
         "train_s": train_s,
         "eval_s": eval_s,
         "steps": steps,
         "batch_size": batch_size,
-        "eval_n": len(dev_rows),
+        "eval_n": len(scored_rows),
         "trainable_params": model.get_nb_trainable_parameters()[0],
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with train.jsonl and dev.jsonl")
+    parser.add_argument("--data", required=True, help="folder with train.jsonl and dev.jsonl (test.jsonl)")
+    parser.add_argument("--split", choices=["dev", "test"], default="dev", help="the rows scored")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--eval-n", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         eval_batch_size=args.eval_batch_size,
+        split=args.split,
     )
     print(json.dumps(result))
 

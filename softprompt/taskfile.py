@@ -156,9 +156,10 @@ class TaskSpec(BaseModel):
         description="template field -> text file whose content fills it in every row (e.g. a policy "
         "document); constant text before the first input field joins the cached shared prefix",
     )
-    init: str = Field(
-        "vocab",
-        description='random | vocab | text:"..." | labels | demos | from:RUN (vocab: best on SST-2, see README)',
+    init: str | None = Field(
+        None,
+        description='random | vocab | text:"..." | labels | demos | from:RUN; default: demos for classification, '
+        "vocab for generation (README, \"The default recipe\")",
     )
     label_scores: Literal["sum", "mean"] = Field(
         "sum",
@@ -215,6 +216,8 @@ class TaskSpec(BaseModel):
     def _defaults_by_kind(self) -> TaskSpec:
         generation = self.kind == "generation"
         allowed = GENERATION_METRICS if generation else CLASSIFICATION_METRICS
+        if self.init is None:  # demos measured ahead on classification only; generation keeps vocab
+            self.init = "vocab" if generation else "demos"
         if self.train.metric is None:
             self.train.metric = self.generation.metrics[0] if generation else "accuracy"
         if self.train.metric not in allowed:

@@ -129,6 +129,15 @@ def test_demos_init_starts_as_the_shortest_rows_of_each_label_rendered_with_thei
     assert prompt.length == 24
 
 
+def test_the_default_init_is_demos_for_classification_and_vocab_for_generation_and_a_file_s_own_wins(tmp_path, tiny_model_dir):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a", "label": "x", "target": "b"}) + "\n")
+    for name, (tail, init) in {"classify": ("{label}", ""), "generate": ("=> {target}", ""), "own": ("{label}", "init: random\n")}.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            f"model: {tiny_model_dir}\ntemplate: '{{soft:2}} {{text}} {tail}'\n{init}data: {{train: rows.jsonl}}\n"
+        )
+    assert [load_task(tmp_path / f"{n}.yaml").init for n in ("classify", "generate", "own")] == ["demos", "vocab", "random"]
+
+
 # -- calibration of a trained prompt ------------------------------------------------------------------
 def biased_prior(task_model):
     """A prior that, divided out, makes every row the first label: calibration can only hurt."""
