@@ -49,13 +49,14 @@ def missing_data(example: Path) -> str | None:
 
 
 def run_cell(example: Path, model: str, seed: int, out: Path, steps: int | None) -> dict:
-    """One training run, or the record a previous invocation left."""
+    """One training run, or the finished record a previous invocation left (a failed cell runs again)."""
     record_file = out / f"{example.stem}-{model}-s{seed}.json"
-    if record_file.is_file():
+    if record_file.is_file() and json.loads(record_file.read_text())["status"] == "done":
         return json.loads(record_file.read_text())
     run = out / "runs" / f"{example.stem}-{model}-s{seed}"
     command = [sys.executable, "-m", "softprompt.cli", "train", str(example), "--out", str(run),
-               "--model", model, "--seed", str(seed)]  # an interrupted run resumes
+               "--model", model, "--seed", str(seed)]
+    command += ["--resume"] if run.exists() else []  # an interrupted run continues where it stopped
     command += ["--steps", str(steps)] if steps else []
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
