@@ -58,16 +58,16 @@ def run_softprompt(
     with TemporaryDirectory() as run:
         info = train(spec, run, backbone=backbone, console=Console(stderr=True))
         classifier, _ = load_classifier(run, backbone)
-        dev = load_examples(data / f"{split}.jsonl", ["text"])[:eval_n]
+        scored = load_examples(data / f"{split}.jsonl", ["text"])[:eval_n]
         started = time.perf_counter()
-        rows = classifier.encode([e.fields for e in dev], [str(e.label) for e in dev])
+        rows = classifier.encode([e.fields for e in scored], [str(e.label) for e in scored])
         predicted = classifier.predict_proba(rows, batch_size=16).argmax(-1).tolist()
         eval_s = time.perf_counter() - started
         report = classification_report(rows.labels.tolist(), predicted, classifier.labels)
         plain = classifier.zero_shot()
-        zero = plain.predict_proba(plain.encode([e.fields for e in dev], [str(e.label) for e in dev]))
+        zero = plain.predict_proba(plain.encode([e.fields for e in scored], [str(e.label) for e in scored]))
         zero_shot = classification_report(rows.labels.tolist(), zero.argmax(-1).tolist(), classifier.labels)
-        if split == "dev" and len(dev) == info.metrics["dev"]["n"]:
+        if split == "dev" and len(scored) == info.metrics["dev"]["n"]:
             assert abs(report["accuracy"] - info.metrics["dev"]["accuracy"]) < 1e-9
     return {
         "train_examples_per_s": info.metrics["train_examples_per_s"],
@@ -92,17 +92,15 @@ def run_softprompt(
 
 
 def side_in_subprocess(side: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--data", str(args.data)]
-    command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
-    command += ["--split", args.split]
-    if side == "softprompt":
+    common = ["--data", str(args.data), "--steps", str(args.steps), "--eval-n", str(args.eval_n)]
+    common += ["--seed", str(args.seed), "--split", args.split]
+    if side == "peft":
+        command = [sys.executable, str(HERE / "peft_side.py"), *common]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--side", side, *common]
         for name in ("init", *SOFTPROMPT_SETTINGS):
             value = getattr(args, name)
             command += [f"--{name.replace('_', '-')}={value}"] if value is not None else []
-    if side == "peft":
-        command = [sys.executable, str(HERE / "peft_side.py"), "--data", str(args.data)]
-        command += ["--steps", str(args.steps), "--eval-n", str(args.eval_n), "--seed", str(args.seed)]
-        command += ["--split", args.split]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

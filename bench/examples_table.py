@@ -51,8 +51,9 @@ def missing_data(example: Path) -> str | None:
 def run_cell(example: Path, model: str, seed: int, out: Path, steps: int | None) -> dict:
     """One training run, or the finished record a previous invocation left (a failed cell runs again)."""
     record_file = out / f"{example.stem}-{model}-s{seed}.json"
-    if record_file.is_file() and json.loads(record_file.read_text())["status"] == "done":
-        return json.loads(record_file.read_text())
+    previous = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    if previous.get("status") == "done":
+        return previous
     run = out / "runs" / f"{example.stem}-{model}-s{seed}"
     command = [sys.executable, "-m", "softprompt.cli", "train", str(example), "--out", str(run),
                "--model", model, "--seed", str(seed)]
