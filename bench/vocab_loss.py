@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
           on_step=lambda step: stamps.append(time.perf_counter()))  # fmt: skip
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     losses = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
-    later = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # step 1 warms up; the last one also saves
+    later = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # steps 2 to the last: step 1 warms up
     result = {"losses": losses, "step_s": round(sum(later) / len(later), 2) if later else None}
     Path(args.result).write_text(json.dumps(result))
 
