@@ -601,12 +601,15 @@ class Backbone:
         length-normalised label scores (one row per classified row, never per label)."""
         return self.cap_logits(self.model.get_output_embeddings()(hidden.to(self.dtype)).float())
 
-    def token_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(target) at each position, normalised over the whole vocabulary ([N, H], [N] -> [N]).
+    def token_log_probs(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(token) normalised over the whole vocabulary, at each position ([N, H], [N] -> [N]),
+        or with `parents` (ascending) at the position each token hangs from ([P, H], [E], [E] -> [E]).
 
-        Only used where exactness needs the normaliser (inside multi-token answers); a chunk of
-        positions at a time, never a whole [N, vocabulary] tensor (`vocab_loss`)."""
+        Only used where exactness needs the normaliser (a generation loss, later tokens of a
+        label); a chunk of positions at a time, never a whole [N, vocabulary] tensor (`vocab_loss`)."""
         head = self.model.get_output_embeddings()
-        return vocab_log_probs(
-            hidden, head.weight, targets.to(self.device), self.softcap, getattr(head, "bias", None)
-        )
+        if parents is None:
+            parents = torch.arange(len(tokens))
+        return vocab_log_probs(hidden, head.weight, parents, tokens, self.softcap, getattr(head, "bias", None))

@@ -22,7 +22,6 @@ after the slot is one more branch of the trie below each word.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -284,7 +283,8 @@ def label_scores(rows: list[RowToScore]) -> list[torch.Tensor]:
     after = torch.zeros_like(flat)  # log-probabilities of the input that follows a slot
     if where:
         at = torch.tensor(where).to(out.hidden.device)
-        logp = _child_log_probs(rows[0].classifier.backbone, out.hidden[at[:, 0], at[:, 1]], parents, tokens)
+        edge_tokens, edge_parents = torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+        logp = rows[0].classifier.backbone.token_log_probs(out.hidden[at[:, 0], at[:, 1]], edge_tokens, edge_parents)
         logp = logp[torch.tensor(edges, device=logp.device)]
         word = torch.tensor(in_word, device=logp.device)
         owner = torch.tensor(owners, device=logp.device)
@@ -365,7 +365,8 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
         parents = [f for f, kin in enumerate(children) for _ in kin]
         tokens = [searching[i].trie.tokens[c] for (i, _), kin in zip(fed, children) for c in kin]
         at = torch.tensor(fed, device=hidden.device)
-        logp = _child_log_probs(backbone, hidden[at[:, 0], at[:, 1]], parents, tokens).tolist()
+        edge_tokens, edge_parents = torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+        logp = backbone.token_log_probs(hidden[at[:, 0], at[:, 1]], edge_tokens, edge_parents).tolist()
         for (i, j), kin in zip(fed, children):
             searching[i].advance(nodes[i][j], dict(zip(kin, logp[: len(kin)])))
             logp = logp[len(kin) :]
@@ -513,25 +514,6 @@ NO_LABEL_TOKENS = LabelTrie.of([], [])  # what a row whose labels are read by th
 # of the model whatever it feeds: on SmolLM2-135M, 32 Banking77 rows, untrained prompt (2 CPU cores),
 # 16 nodes a step gave 3.0 rows/s and 1024 gave 6.6, feeding about the same nodes (49 and 55 a row).
 STEP_TOKENS = 1024
-LOGIT_CHUNK = 2**24  # vocabulary logits held at once (64 MB fp32; 64 nodes of Gemma's 262k vocabulary)
-
-
-def _child_log_probs(
-    backbone: Backbone, hidden: torch.Tensor, parents: list[int], tokens: list[int]
-) -> torch.Tensor:
-    """[E] log p(token | its parent's hidden state) over the whole vocabulary, for parents given in
-    ascending order: each parent's logits are computed once, a few parents at a time."""
-    step = max(1, LOGIT_CHUNK // backbone.vocab_size)
-    out = []
-    for start in range(0, hidden.shape[0], step):
-        lo, hi = bisect.bisect_left(parents, start), bisect.bisect_left(parents, start + step)
-        if lo == hi:
-            continue
-        logits = backbone.logits(hidden[start : start + step])
-        local = torch.tensor(parents[lo:hi], device=logits.device) - start
-        chosen = logits[local, torch.tensor(tokens[lo:hi], device=logits.device)]
-        out.append(chosen - logits.logsumexp(-1)[local])
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def _first_token_scores(classifier: Classifier, hidden: torch.Tensor) -> torch.Tensor:
