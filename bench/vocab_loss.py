@@ -1,6 +1,6 @@
 """Training steps of a generation task with long answers, with the vocabulary loss done plainly
 (whole [positions, vocabulary] logits, then cross-entropy, as before `softprompt/vocab_loss.py`)
-and chunked (that module: the hidden states' gradient computed a chunk of positions at a time).
+and chunked (that module: a chunk of positions at a time, keeping only what the backward pass needs).
 
 Each side is a fresh subprocess that trains `--task` (default examples/py2js_shared.yaml: answers of
 up to 320 tokens, so a batch of 8 has ~1,500 target positions; on Gemma 3's 262,144-token
@@ -9,7 +9,7 @@ steps, no validation and no baselines. Reported per side: peak RSS (os.wait4), t
 steps after the first, the losses; and how far the two sides' losses are apart. Same seed, same
 batches: the losses agree to float rounding. The last stdout line is one JSON object.
 
-    python bench/vocab_loss.py --steps 6
+    python bench/vocab_loss.py --steps 4
 """
 
 from __future__ import annotations

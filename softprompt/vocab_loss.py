@@ -12,7 +12,8 @@ little: with p the softmax at a position and s the soft-cap's slope (1 without o
 d log p_t / d h = s_t W_t - sum_v p_v s_v W_v. The forward pass computes, a chunk of positions at a
 time, the log-probabilities and the expectation m = (p * s) @ W, [positions, H], and keeps only m;
 `backward` adds up, per position, its tokens' incoming gradients times (s_t W_t - m). The same two
-[chunk, V] x [V, H] products as the plain backward, and at most one [chunk, V] tensor alive.
+[chunk, V] x [V, H] products as the plain backward, and at most one [chunk, V] tensor alive (two
+with a soft-cap: its slope).
 
 Written here because the fused linear cross-entropy kernels that exist (Liger, the `kernels` hub,
 torchtune's chunked losses) are Triton or torch.compile code for GPUs; this is plain PyTorch and
@@ -42,9 +43,13 @@ def vocab_log_probs(
     return _ChunkedLogProbs.apply(hidden, weight, parents, tokens, softcap, bias, wanted)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, bias) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Final-logit soft-capping where the model has it (Gemma 2); the identity elsewhere."""
     return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, bias) -> torch.Tensor:
+    return soft_cap(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float(), softcap)
 
 
 def _plain(hidden, weight, parents, tokens, softcap, bias) -> torch.Tensor:
