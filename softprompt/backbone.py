@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .vocab_bound import VocabClusters, cached_assignment
 from .vocab_loss import soft_cap, vocab_log_probs
 
 DEFAULT_MODEL = "default"  # a name for whichever packaged model is the default: runs record the model itself
@@ -441,6 +442,7 @@ class Backbone:
         config = model.config.get_text_config()
         self.hidden_size: int = config.hidden_size
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self._clusters: tuple[tuple, VocabClusters] | None = None  # (the head weight's identity and version, its clusters)
         self.vocab_size: int = self.output_weight.shape[0]
         self.windows = attention_windows(config)
         self._bos_ids: list[int] | None = None
@@ -611,3 +613,26 @@ class Backbone:
         if parents is None:
             parents = torch.arange(len(tokens))
         return vocab_log_probs(hidden, head.weight, parents, tokens, self.softcap, getattr(head, "bias", None))
+
+    def token_log_prob_bounds(self, hidden: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """Upper bounds on `token_log_probs(hidden, tokens, parents)`, at a few percent of its cost:
+        each token's exact logit less a lower bound on its position's normaliser (`vocab_bound`).
+        For a search that needs most scores only to rule labels out; no gradient."""
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        with torch.no_grad():
+            hidden, parents, tokens = hidden.detach(), parents.to(self.device), tokens.to(self.device)
+            norms = self.vocab_clusters().lower_log_sum_exp(hidden, head.weight, self.softcap, bias)
+            rows = head.weight[tokens]
+            logits = (hidden[parents].to(rows.dtype) * rows).sum(-1) + (0 if bias is None else bias[tokens])
+            return (self.cap_logits(logits.float()) - norms[parents]).clamp(max=0.0)  # a log-probability is at most 0
+
+    def vocab_clusters(self) -> VocabClusters:
+        """The output rows' clusters (`vocab_bound`), rebuilt when the head's weight has changed
+        (the `full` method trains it): their means must be the current rows'."""
+        weight = self.model.get_output_embeddings().weight
+        key = (weight.data_ptr(), weight._version)
+        if self._clusters is None or self._clusters[0] != key:
+            assignment = cached_assignment(weight, self.base_fingerprint, cache_root())
+            self._clusters = (key, VocabClusters.of(weight, assignment))
+        return self._clusters[1]

@@ -8,7 +8,9 @@ tokens are scored teacher-forced in the row's own pass, as a label trie: label n
 Where only the answer is needed (accuracy, a label without probabilities) `label_answers` finds the
 best labels exactly without scoring the whole trie: a label never scores above what its prefix has
 gathered, so the most promising prefixes are expanded first and the search stops when no open
-prefix can beat the best complete label.
+prefix can beat the best complete label. What a fed prefix gathers is first an upper bound that
+costs a few percent of the exact normaliser over the vocabulary (`vocab_bound`); the labels that
+decide the answer are then scored exactly.
 
 With one vector per label (`label_vectors: per_label`, `verbalizer.LabelHead`) no label token is
 fed at all: a label's score is the slot's hidden state times its own vector, plus its bias, one
@@ -333,8 +335,11 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
     pass, whatever their per-row constant. A row stops once k complete labels score strictly above
     every incomplete label's bound; until then each step feeds, for all rows still searching in one
     batch and on top of their key/value caches (the tree mask of `label_scores`), the nodes
-    `_Search.next_nodes` picks. The answer is the full scoring's up to float rounding: the two paths'
-    scores agree to ~1e-5, so only a tie that close could go the other way."""
+    `_Search.next_step` picks. A fed node's children get upper bounds on their scores
+    (`Backbone.token_log_prob_bounds`), which keep the pruning exact; the complete labels that rank
+    the others are resolved to exact scores (`_resolve`) before they are compared, so the answer and
+    its order are the full scoring's up to float rounding: the two paths' scores agree to ~1e-5, so
+    only a tie that close could go the other way."""
     backbone = rows[0].classifier.backbone
     out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in rows])
     slot = _slot_hidden(rows, out.hidden)
@@ -352,7 +357,11 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
     searches = list(searching)
     while True:
         width = max(1, STEP_TOKENS // len(searching))
-        nodes = [s.next_nodes(bounds, width) for s, bounds in zip(searching, _label_bounds(searching))]
+        steps = [s.next_step(bounds, width) for s, bounds in zip(searching, _label_bounds(searching))]
+        if any(unsure for _, unsure in steps):  # the labels the search ranks by must be exact first
+            _resolve(backbone, searching, [unsure for _, unsure in steps])
+            continue
+        nodes = [feed for feed, _ in steps]
         keep = [i for i, fed in enumerate(nodes) if fed]
         if not keep:
             break
@@ -365,14 +374,28 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
         parents = [f for f, kin in enumerate(children) for _ in kin]
         tokens = [searching[i].trie.tokens[c] for (i, _), kin in zip(fed, children) for c in kin]
         at = torch.tensor(fed, device=hidden.device)
+        states = hidden[at[:, 0], at[:, 1]]
         edge_tokens, edge_parents = torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
-        logp = backbone.token_log_probs(hidden[at[:, 0], at[:, 1]], edge_tokens, edge_parents).tolist()
-        for (i, j), kin in zip(fed, children):
-            searching[i].advance(nodes[i][j], dict(zip(kin, logp[: len(kin)])))
+        logp = backbone.token_log_prob_bounds(states, edge_tokens, edge_parents).tolist()
+        for state, (i, j), kin in zip(states, fed, children):
+            searching[i].advance(nodes[i][j], dict(zip(kin, logp[: len(kin)])), state)
             logp = logp[len(kin) :]
     for r, search in zip(by_words, searches):
         answers[r] = search.answer
     return answers
+
+
+def _resolve(backbone: Backbone, searches: list[_Search], unsure: list[list[int]]) -> None:
+    """The exact scores of the `unsure` nodes' children (per search, nodes it has fed), in one pass."""
+    nodes = [(s, node) for s, row in zip(searches, unsure) for node in row]
+    children = [s.trie.children[node] for s, node in nodes]
+    states = torch.stack([s.states[node] for s, node in nodes])
+    tokens = torch.tensor([s.trie.tokens[c] for (s, _), kin in zip(nodes, children) for c in kin], dtype=torch.long)
+    parents = torch.tensor([f for f, kin in enumerate(children) for _ in kin], dtype=torch.long)
+    logp = backbone.token_log_probs(states, tokens, parents).tolist()
+    for (s, node), kin in zip(nodes, children):
+        s.resolve(node, dict(zip(kin, logp[: len(kin)])))
+        logp = logp[len(kin) :]
 
 
 def _feed(
@@ -397,7 +420,11 @@ def _feed(
 
 
 class _Search:
-    """One row's best-first search over its label trie: what each choice's path has gathered."""
+    """One row's best-first search over its label trie: what each choice's path has gathered.
+
+    A fed node's children get upper bounds on their scores (`Backbone.token_log_prob_bounds`, a few
+    percent of the exact cost), enough to rule most labels out; a node becomes exact (`resolve`)
+    when a label through it is among the k best complete ones, the labels that rank the rest."""
 
     def __init__(self, row: RowToScore, first: list[float], k: int) -> None:
         self.classifier = row.classifier
@@ -411,6 +438,8 @@ class _Search:
         labels = range(row.classifier.choices.n_labels)
         self.members = [[c for c, o in enumerate(owner) if o == label] for label in labels]  # label -> choices
         self.base = row.prefix.length + len(row.body) - 1  # the position of the row's last token
+        self.bounded: dict[int, dict[int, float]] = {}  # fed node -> its children's bounds, until resolved
+        self.states: dict[int, torch.Tensor] = {}  # fed node -> its hidden state
         self.answer: list[int] = []
 
     def position(self, node: int) -> int:
@@ -420,26 +449,38 @@ class _Search:
         return self.known[choice] == len(self.trie.paths[choice])
 
     def bounds(self) -> list[float]:
-        """Per choice its score, exact when its path is done, else an upper bound."""
+        """Per choice its score, exact when its path is done and resolved, else an upper bound."""
         return [w / d + a for w, d, a in zip(self.word, self.divisor, self.after)]
 
-    def next_nodes(self, labels: list[float], width: int) -> list[int]:
-        """The nodes to feed next, ancestors first, or none once the answer is known (then in
-        `answer`); `labels`: the label formula over `bounds`. Until k labels are complete there is
-        nothing to prune against: the best-bounded incomplete labels' best choices are completed in
-        one step each, whole paths (for a sure model that is the answer, and the search ends). Then
-        every label that can still reach the top k has its best choice's open node fed, the
-        best-bounded `width` first: one forward pass costs about as much for one node a row as for
-        dozens (the weights are read once), so a step feeds all that the search can use."""
+    def unsure(self, label: int) -> list[int]:
+        """The fed nodes on `label`'s paths whose children's scores are still bounds."""
+        return sorted({n for c in self.members[label] for n in self.trie.paths[c][: self.known[c] - 1] if n in self.bounded})
+
+    def next_step(self, labels: list[float], width: int) -> tuple[list[int], list[int]]:
+        """(nodes to feed next, ancestors first; nodes to resolve), both empty once the answer is
+        known (then in `answer`); `labels`: the label formula over `bounds`. The k best complete
+        labels are made exact first (with every complete label whose bound is above the k-th
+        best exact one, all in one pass): they decide what the rest must beat. Until k labels are
+        complete there is nothing to prune against: the best-bounded incomplete labels' best choices
+        are completed in one step each, whole paths (for a sure model that is the answer, and the
+        search ends). Then every label that can still reach the top k has its best choice's open
+        node fed, the best-bounded `width` first: one forward pass costs about as much for one node
+        a row as for dozens (the weights are read once), so a step feeds all that the search can use."""
         complete = [all(self.done(c) for c in m) for m in self.members]
+        ranked = sorted((label for label, full in enumerate(complete) if full), key=lambda label: -labels[label])
+        settled = [labels[label] for label in ranked if not self.unsure(label)]
+        threshold = settled[self.k - 1] if len(settled) >= self.k else -math.inf  # the k-th best exact label
+        # every complete label that might rank above it, in one pass: then the top k are exact
+        unsure = sorted({n for label in ranked if labels[label] >= threshold for n in self.unsure(label)})
+        if unsure:
+            return [], unsure
         incomplete = [label for label, full in enumerate(complete) if not full]
         bound = max((labels[label] for label in incomplete), default=-math.inf)
-        ranked = sorted((label for label, full in enumerate(complete) if full), key=lambda label: -labels[label])
         # strictly above: an incomplete label whose bound ties might still tie, and win on its index
         winners = [label for label in ranked if labels[label] > bound] if incomplete else ranked
         if len(winners) >= self.k:
             self.answer = winners[: self.k]  # sorted() is stable: ties go to the lower index
-            return []
+            return [], []
         filling = len(ranked) < self.k  # fewer than k complete labels: nothing to prune against yet
         floor = -math.inf if filling else labels[ranked[self.k - 1]]  # the k-th best complete label
         hopeful = sorted((label for label in incomplete if labels[label] >= floor), key=lambda label: -labels[label])
@@ -449,17 +490,30 @@ class _Search:
             path, known = self.trie.paths[choice], self.known[choice]
             nodes.update(path[known - 1 : len(path) - 1] if filling else [path[known - 1]])
         assert nodes, "an unfinished search always has a node to feed"
-        return sorted(nodes)  # pre-order: an ancestor before its descendants
+        return sorted(nodes), []  # pre-order: an ancestor before its descendants
 
-    def advance(self, node: int, scores: dict[int, float]) -> None:
-        """`node` was fed: its children's scores move every choice waiting there one node on."""
+    def advance(self, node: int, bounds: dict[int, float], state: torch.Tensor) -> None:
+        """`node` was fed: its children's score bounds move every choice waiting there one node on."""
+        self.bounded[node], self.states[node] = bounds, state
         for c, path in enumerate(self.trie.paths):
             if not self.done(c) and path[self.known[c] - 1] == node:
-                if self.known[c] < self.trie.words[c]:
-                    self.word[c] += scores[path[self.known[c]]]
-                else:
-                    self.after[c] += scores[path[self.known[c]]]
+                self._add(c, self.known[c], bounds[path[self.known[c]]])
                 self.known[c] += 1
+
+    def resolve(self, node: int, scores: dict[int, float]) -> None:
+        """`node`'s children's exact scores replace their bounds on every path that has used them."""
+        bounds = self.bounded.pop(node)
+        for c, path in enumerate(self.trie.paths):
+            at = path.index(node) + 1 if node in path[: self.known[c] - 1] else 0
+            if at:
+                self._add(c, at, scores[path[at]] - bounds[path[at]])
+
+    def _add(self, choice: int, at: int, value: float) -> None:
+        """Add `value` to the score of `choice`'s path node `at` (its word's or the input after it)."""
+        if at < self.trie.words[choice]:
+            self.word[choice] += value
+        else:
+            self.after[choice] += value
 
 
 def _by_task(classifiers: list[Classifier]) -> dict[int, list[int]]:
