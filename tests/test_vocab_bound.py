@@ -73,3 +73,21 @@ def test_a_large_vocabularys_clusters_are_kept_in_a_file_and_read_back(tmp_path,
     monkeypatch.setattr(vocab_bound, "cluster_rows", lambda *_: pytest.fail("clustered again"))
     assert torch.equal(cached_assignment(weight, "abc", tmp_path), first)
     assert kept.exists() and first.dtype == torch.long
+
+
+@pytest.mark.parametrize("exact_clusters", [1, 1000])
+def test_a_backbones_bounds_are_at_least_its_log_probabilities_and_at_most_zero(any_backbone, monkeypatch, exact_clusters):
+    monkeypatch.setattr(vocab_bound, "EXACT_CLUSTERS", exact_clusters)
+    vocab = any_backbone.model.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(4)
+    hidden = 3 * torch.randn(6, any_backbone.model.config.hidden_size, generator=generator)
+    tokens = torch.randint(vocab, (15,), generator=generator)
+    parents = torch.arange(15) // 3
+    with torch.no_grad():
+        exact = any_backbone.token_log_probs(hidden, tokens, parents)
+        bounds = any_backbone.token_log_prob_bounds(hidden, tokens, parents)
+    assert (bounds >= exact - 1e-5).all() and (bounds <= 0).all()
+    if exact_clusters == 1000:  # every cluster scored: the bound is the log-probability
+        torch.testing.assert_close(bounds, exact, atol=1e-4, rtol=0)
+    else:
+        assert (bounds > exact + 1e-3).any()
