@@ -468,10 +468,11 @@ class _Search:
         a row as for dozens (the weights are read once), so a step feeds all that the search can use."""
         complete = [all(self.done(c) for c in m) for m in self.members]
         ranked = sorted((label for label, full in enumerate(complete) if full), key=lambda label: -labels[label])
-        settled = [labels[label] for label in ranked if not self.unsure(label)]
+        open_nodes = {label: self.unsure(label) for label in ranked}
+        settled = [labels[label] for label in ranked if not open_nodes[label]]
         threshold = settled[self.k - 1] if len(settled) >= self.k else -math.inf  # the k-th best exact label
         # every complete label that might rank above it, in one pass: then the top k are exact
-        unsure = sorted({n for label in ranked if labels[label] >= threshold for n in self.unsure(label)})
+        unsure = sorted({n for label in ranked if labels[label] >= threshold for n in open_nodes[label]})
         if unsure:
             return [], unsure
         incomplete = [label for label, full in enumerate(complete) if not full]

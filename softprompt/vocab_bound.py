@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .vocab_loss import soft_cap
+from .vocab_loss import capped_logits
 
 CLUSTERS = 1024  # at most; a small vocabulary gets one cluster per 16 rows
 EXACT_CLUSTERS = 32  # scored exactly at each position: the best-scoring by their mean row
@@ -75,9 +75,7 @@ class VocabClusters:
         for cluster in exact.unique().tolist():
             at = picked[:, cluster].nonzero().squeeze(1)
             ids = self.order[self.starts[cluster] : self.starts[cluster + 1]]
-            logits = soft_cap(torch.nn.functional.linear(
-                hidden[at].to(weight.dtype), weight[ids], None if bias is None else bias[ids]
-            ).float(), softcap)
+            logits = capped_logits(hidden[at], weight[ids], softcap, None if bias is None else bias[ids])
             total[at] = torch.logaddexp(total[at], logits.logsumexp(-1))
         if softcap:
             return total

@@ -48,12 +48,13 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, bias) -> torch.Tensor:
+def capped_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None, bias) -> torch.Tensor:
+    """Logits of `weight`'s rows (`hidden @ weight.T + bias`, in the weight's dtype), then fp32, soft-capped."""
     return soft_cap(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float(), softcap)
 
 
 def _plain(hidden, weight, parents, tokens, softcap, bias) -> torch.Tensor:
-    logits = _logits(hidden, weight, softcap, bias)
+    logits = capped_logits(hidden, weight, softcap, bias)
     return logits[parents, tokens] - logits.logsumexp(-1)[parents]
 
 
@@ -68,7 +69,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             lo, hi = torch.searchsorted(parents, torch.tensor([start, start + step], device=parents.device)).tolist()
             if lo == hi:  # no edge below these positions: nothing to score, no gradient
                 continue
-            logits = _logits(hidden[start : start + step], weight, softcap, bias)
+            logits = capped_logits(hidden[start : start + step], weight, softcap, bias)
             norm = logits.logsumexp(-1)
             local = parents[lo:hi] - start
             out[lo:hi] = logits[local, tokens[lo:hi]] - norm[local]
