@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import Backbone, Context, Layout
+from .backbone import Backbone, Context, Layout, join_contexts
 from .logistic import fit_logistic
 from .splice import PAD_ID, BatchRow, Prefix, Prompt, PromptedLM, run_rows
 from .template import RenderedRows, Template
@@ -161,6 +161,20 @@ class Classifier:
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
 
+    def search_groups(self, rows: ClassificationRows, batch_size: int, prefix_length: int) -> Iterator[list[int]]:
+        """Consecutive `batches` joined into the groups that one pruned search runs over (up to
+        `SEARCH_ROWS` rows and `SEARCH_KEYS` cached keys): a search step reads every weight of the
+        model however few nodes it feeds, so more rows a step make each step cheaper per row."""
+        group: list[int] = []
+        for index in self.batches(rows, batch_size):
+            longest = prefix_length + max(len(rows.encoded.bodies[i]) for i in index)
+            if group and (len(group) + len(index) > SEARCH_ROWS or (len(group) + len(index)) * longest > SEARCH_KEYS):
+                yield group
+                group = []
+            group += index
+        if group:
+            yield group
+
     @torch.inference_mode()
     def predict_proba(self, rows: ClassificationRows, batch_size: int = 16, progress=None) -> torch.Tensor:
         """[N, L] label probabilities, in row order: every label scored (the whole label trie)."""
@@ -180,8 +194,8 @@ class Classifier:
         (`label_answers`), which leaves unscored the labels that cannot win."""
         prefix = self.prefix(rows.encoded)
         top = torch.zeros(len(rows), min(k, len(self.labels)), dtype=torch.long)
-        for index in self.batches(rows, batch_size):
-            top[index] = torch.tensor(label_answers(self._to_score(prefix, rows, index), k))
+        for index in self.search_groups(rows, batch_size, prefix.length):
+            top[index] = torch.tensor(label_answers(self._to_score(prefix, rows, index), k, batch_size))
             if progress is not None:
                 progress(len(index))
         return top
@@ -320,7 +334,7 @@ def _head_scores(rows: list[RowToScore], slot_hidden: torch.Tensor) -> dict[int,
     return out
 
 
-def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
+def label_answers(rows: list[RowToScore], k: int = 1, pass_rows: int | None = None) -> list[list[int]]:
     """Each row's k best labels, best first (ties to the lower index): exactly the first k of the
     order of its `label_scores`, found by best-first expansion of its label trie, which feeds only
     the prefixes that could still win instead of the whole trie.
@@ -335,14 +349,17 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
     pass, whatever their per-row constant. A row stops once k complete labels score strictly above
     every incomplete label's bound; until then each step feeds, for all rows still searching in one
     batch and on top of their key/value caches (the tree mask of `label_scores`), the nodes
-    `_Search.next_step` picks. A fed node's children get upper bounds on their scores
-    (`Backbone.token_log_prob_bounds`), which keep the pruning exact; the complete labels that rank
-    the others are resolved to exact scores (`_resolve`) before they are compared, so the answer and
-    its order are the full scoring's up to float rounding: the two paths' scores agree to ~1e-5, so
-    only a tie that close could go the other way."""
+    `_Search.next_step` picks, padded out with further nodes of the same paths (`_Search.filled`).
+    The rows' own pass runs `pass_rows` rows at a time (all at once by default) and the search runs
+    over all of them: a step reads every weight of the model, so many rows a step amortise it, and a
+    narrower step lets the best complete labels rise before more prefixes are fed. A fed node's
+    children get upper bounds on their scores (`Backbone.token_log_prob_bounds`), which keep the
+    pruning exact; the complete labels that rank the others are resolved to exact scores
+    (`_resolve`) before they are compared, so the answer and its order are the full scoring's up to
+    float rounding: the two paths' scores agree to ~1e-5, so only a tie that close could go the
+    other way."""
     backbone = rows[0].classifier.backbone
-    out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in rows])
-    slot = _slot_hidden(rows, out.hidden)
+    slot, context = _rows_pass(rows, pass_rows or len(rows))
     answers: list[list[int]] = [[] for _ in rows]
     for r, scores in _head_scores(rows, slot).items():  # read in one projection: nothing to search
         answers[r] = sorted(range(len(scores)), key=lambda label: -float(scores[label]))[:k]  # stable: ties to the lower index
@@ -351,7 +368,6 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
         return answers
     first = _first_scores([rows[r] for r in by_words], slot[by_words])
     searching = [_Search(rows[r], scores.tolist(), k) for r, scores in zip(by_words, first)]
-    context = out.context
     if len(by_words) < len(rows):
         context.select(torch.tensor(by_words, device=backbone.device))
     searches = list(searching)
@@ -368,6 +384,8 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
         if len(keep) < len(searching):  # these rows have their answers: they leave the batch
             context.select(torch.tensor(keep, device=backbone.device))
             searching, nodes = [searching[i] for i in keep], [nodes[i] for i in keep]
+        room = max(map(len, nodes))
+        nodes = [search.filled(row, room) for search, row in zip(searching, nodes)]
         hidden, context = _feed(backbone, context, searching, nodes)
         fed = [(i, j) for i, row in enumerate(nodes) for j in range(len(row))]
         children = [searching[i].trie.children[nodes[i][j]] for i, j in fed]
@@ -383,6 +401,18 @@ def label_answers(rows: list[RowToScore], k: int = 1) -> list[list[int]]:
     for r, search in zip(by_words, searches):
         answers[r] = search.answer
     return answers
+
+
+def _rows_pass(rows: list[RowToScore], size: int) -> tuple[torch.Tensor, Context]:
+    """The rows' own pass, `size` rows at a time (each part padded to its own longest row), as one
+    batch to search over: [B, H] their states at the slot and their joined keys."""
+    slots, contexts = [], []
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in part])
+        slots.append(_slot_hidden(part, out.hidden))
+        contexts.append(out.context)
+    return torch.cat(slots), contexts[0] if len(contexts) == 1 else join_contexts(contexts)
 
 
 def _resolve(backbone: Backbone, searches: list[_Search], unsure: list[list[int]]) -> None:
@@ -441,6 +471,7 @@ class _Search:
         self.bounded: dict[int, dict[int, float]] = {}  # fed node -> its children's bounds, until resolved
         self.states: dict[int, torch.Tensor] = {}  # fed node -> its hidden state
         self.answer: list[int] = []
+        self.rest: list[int] = []  # the last step's further path nodes (`filled`)
 
     def position(self, node: int) -> int:
         return self.base + self.trie.depth[node]
@@ -485,13 +516,22 @@ class _Search:
         filling = len(ranked) < self.k  # fewer than k complete labels: nothing to prune against yet
         floor = -math.inf if filling else labels[ranked[self.k - 1]]  # the k-th best complete label
         hopeful = sorted((label for label in incomplete if labels[label] >= floor), key=lambda label: -labels[label])
-        choices, nodes = self.bounds(), set()
+        choices, nodes, rest = self.bounds(), set(), []
         for label in hopeful[: self.k - len(ranked)] if filling else hopeful[:width]:
             choice = max((c for c in self.members[label] if not self.done(c)), key=lambda c: choices[c])
             path, known = self.trie.paths[choice], self.known[choice]
             nodes.update(path[known - 1 : len(path) - 1] if filling else [path[known - 1]])
+            rest += path[known : len(path) - 1]
         assert nodes, "an unfinished search always has a node to feed"
+        self.rest = list(dict.fromkeys(n for n in rest if n not in nodes))
         return sorted(nodes), []  # pre-order: an ancestor before its descendants
+
+    def filled(self, nodes: list[int], room: int) -> list[int]:
+        """`nodes` (this step's, from `next_step`) and, up to `room` in all, the nodes further down
+        the same labels' paths, best-bounded label first: the slots that padding to the batch's
+        widest row would waste feed what the next steps would likely ask for. Each label's share is
+        a prefix of its path, so an ancestor is always fed before or with its descendants."""
+        return sorted({*nodes, *self.rest[: max(0, room - len(nodes))]})
 
     def advance(self, node: int, bounds: dict[int, float], state: torch.Tensor) -> None:
         """`node` was fed: its children's score bounds move every choice waiting there one node on."""
@@ -569,6 +609,9 @@ NO_LABEL_TOKENS = LabelTrie.of([], [])  # what a row whose labels are read by th
 # of the model whatever it feeds: on SmolLM2-135M, 32 Banking77 rows, untrained prompt (2 CPU cores),
 # 16 nodes a step gave 3.0 rows/s and 1024 gave 6.6, feeding about the same nodes (49 and 55 a row).
 STEP_TOKENS = 1024
+# Rows that one pruned search runs over (`Classifier.search_groups`), and the keys their cache may hold.
+SEARCH_ROWS = 128
+SEARCH_KEYS = 8192
 
 
 def _first_token_scores(classifier: Classifier, hidden: torch.Tensor) -> torch.Tensor:

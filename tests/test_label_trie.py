@@ -274,6 +274,40 @@ def test_the_pruned_answer_leaves_most_of_the_trie_unfed_when_the_model_is_sure(
     assert 0 < sum(fed) <= whole / 2
 
 
+@pytest.mark.parametrize("template", [AFTER, LONG])
+def test_a_search_over_rows_passed_in_parts_gives_each_rows_full_order(any_backbone, template, bounds):
+    """`top_labels` runs the rows' own pass a batch at a time and searches them together: the parts'
+    keys are joined, padded to the longest part (rows of unequal length, so the padding matters)."""
+    clf = classifier(any_backbone, template, SHARED, seed=3)
+    rows = rows_of(clf, TEXTS)
+    every = len(clf.labels)
+    with torch.no_grad():
+        full = [full_order(s) for s in label_scores(rows)]
+        for size in (1, 2, 3):
+            assert label_answers(rows, every, pass_rows=size) == full
+
+
+def test_every_fed_node_comes_after_or_with_its_parent(knowing, monkeypatch, bounds):
+    """A step's padding slots carry further nodes of its labels' paths (`_Search.filled`): a node's
+    state is only right when its parent was fed before it or in the same step (the tree mask)."""
+    feed, orphans, with_parent = classify._feed, [], []
+
+    def checking(backbone, context, searches, nodes):
+        for search, row in zip(searches, nodes):
+            parents = [search.trie.parent[n] for n in row]
+            orphans.extend(n for n, p in zip(row, parents) if p >= 0 and p not in search.states and p not in row)
+            with_parent.extend(n for n, p in zip(row, parents) if p in row)
+        return feed(backbone, context, searches, nodes)
+
+    monkeypatch.setattr(classify, "_feed", checking)
+    rng = random.Random(5)
+    for task in range(6):
+        clf = random_task(knowing, rng, task)
+        with torch.no_grad():
+            label_answers(rows_of(clf, TEXTS), 3)
+    assert with_parent and orphans == []
+
+
 def test_predict_is_the_argmax_of_predict_proba(tiny_backbone):
     clf = classifier(tiny_backbone, AFTER, SHARED, learned=True, prior=True)
     enc = clf.encode([{"text": t} for t in TEXTS])
