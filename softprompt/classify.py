@@ -359,13 +359,14 @@ def label_answers(rows: list[RowToScore], k: int = 1, pass_rows: int | None = No
     float rounding: the two paths' scores agree to ~1e-5, so only a tie that close could go the
     other way."""
     backbone = rows[0].classifier.backbone
-    slot, context = _rows_pass(rows, pass_rows or len(rows))
+    slot, contexts = _rows_pass(rows, pass_rows or len(rows))
     answers: list[list[int]] = [[] for _ in rows]
     for r, scores in _head_scores(rows, slot).items():  # read in one projection: nothing to search
         answers[r] = sorted(range(len(scores)), key=lambda label: -float(scores[label]))[:k]  # stable: ties to the lower index
     by_words = [r for r, row in enumerate(rows) if row.classifier.label_head is None]
     if not by_words:
         return answers
+    context = contexts[0] if len(contexts) == 1 else join_contexts(contexts)
     first = _first_scores([rows[r] for r in by_words], slot[by_words])
     searching = [_Search(rows[r], scores.tolist(), k) for r, scores in zip(by_words, first)]
     if len(by_words) < len(rows):
@@ -403,16 +404,16 @@ def label_answers(rows: list[RowToScore], k: int = 1, pass_rows: int | None = No
     return answers
 
 
-def _rows_pass(rows: list[RowToScore], size: int) -> tuple[torch.Tensor, Context]:
-    """The rows' own pass, `size` rows at a time (each part padded to its own longest row), as one
-    batch to search over: [B, H] their states at the slot and their joined keys."""
+def _rows_pass(rows: list[RowToScore], size: int) -> tuple[torch.Tensor, list[Context]]:
+    """The rows' own pass, `size` rows at a time (each part padded to its own longest row): [B, H]
+    their states at the slot and each part's keys (joined only where a search follows)."""
     slots, contexts = [], []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
         out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in part])
         slots.append(_slot_hidden(part, out.hidden))
         contexts.append(out.context)
-    return torch.cat(slots), contexts[0] if len(contexts) == 1 else join_contexts(contexts)
+    return torch.cat(slots), contexts
 
 
 def _resolve(backbone: Backbone, searches: list[_Search], unsure: list[list[int]]) -> None:
