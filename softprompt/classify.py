@@ -148,9 +148,8 @@ class Classifier:
         prefix = self.prefix(rows.encoded)
         states = torch.zeros(len(rows), self.backbone.hidden_size)
         for index in self.batches(rows, batch_size):
-            batch = self._to_score(prefix, rows, index)
-            out = run_rows([BatchRow(row.classifier.lm, row.prefix, list(row.body)) for row in batch])
-            states[index] = _slot_hidden(batch, out.hidden).float().cpu()
+            slot, _ = _rows_pass(self._to_score(prefix, rows, index), batch_size)
+            states[index] = slot.float().cpu()
         return states
 
     def batches(self, rows: ClassificationRows, batch_size: int) -> Iterator[list[int]]:
